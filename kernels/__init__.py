@@ -1,0 +1,1 @@
+"""Custom onnxruntime op library (C++/CUDA) and its Python loader."""

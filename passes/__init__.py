@@ -1,0 +1,1 @@
+"""ONNX graph passes (onnx-ir only; never imports torch)."""

@@ -1,0 +1,1 @@
+"""Target profiles: one TOML file per device, shipped as package data (see edgecompress.profiles)."""
