@@ -16,3 +16,7 @@ class VerificationError(EdgeCompressError):
     """The export does not reproduce the PyTorch model within the stated tolerances."""
 
     exit_code = 3
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}

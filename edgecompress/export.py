@@ -1,0 +1,245 @@
+"""Export a Hugging Face decoder to ONNX with a flat KV cache, through torch.onnx's dynamo exporter.
+
+The exported I/O follows the names onnxruntime-genai and optimum use, so the folder drops into those
+runtimes unchanged:
+  inputs  input_ids [batch, seq], attention_mask [batch, total], position_ids [batch, seq],
+          past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+  outputs logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, total, head_dim]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from edgecompress.errors import EdgeCompressError
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+# Symbolic dimension names written on the graph I/O (the exporter's own are s0, s1, ...).
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def kv_input_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def kv_output_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def input_names(num_layers: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids", *kv_input_names(num_layers)]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits", *kv_output_names(num_layers)]
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) as the attention modules use them."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def make_flat_kv_module(model: Any):
+    """Wrap `model` so the KV cache is a flat list of tensors (torch.export cannot take a Cache)."""
+    import torch
+    from transformers import DynamicCache
+
+    num_layers = model.config.num_hidden_layers
+
+    class FlatKVDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.model.config)
+            for i in range(num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = []
+            for layer in out.past_key_values.layers[:num_layers]:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return FlatKVDecoder().eval()
+
+
+def sample_inputs(config: Any, batch: int = 2, seq: int = 3, past: int = 4):
+    """Tracing inputs. Every dynamic dim is >= 2 so torch.export does not specialise it to a constant."""
+    import torch
+
+    num_layers, kv_heads, head_dim = kv_geometry(config)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.long)
+    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = [torch.randn(batch, kv_heads, past, head_dim, generator=generator) for _ in range(2 * num_layers)]
+    return (input_ids, attention_mask, position_ids, *kv)
+
+
+def export_onnx(model: Any, out_dir: Path, opset: int = 18) -> dict[str, Any]:
+    """Export `model` (fp32, eval) into out_dir/model.onnx + model.onnx.data. Returns export facts."""
+    import torch
+
+    num_layers = model.config.num_hidden_layers
+    wrapper = make_flat_kv_module(model)
+    dyn = torch.export.Dim.DYNAMIC
+    dynamic_shapes = {
+        "input_ids": {0: dyn, 1: dyn},
+        "attention_mask": {0: dyn, 1: dyn},
+        "position_ids": {0: dyn, 1: dyn},
+        "past": tuple({0: dyn, 2: dyn} for _ in range(2 * num_layers)),
+    }
+    started = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                wrapper,
+                sample_inputs(model.config),
+                dynamo=True,  # torch 2.13 has no silent fallback to the TorchScript exporter
+                opset_version=opset,
+                input_names=input_names(num_layers),
+                output_names=output_names(num_layers),
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:  # torch.export raises many kinds; the user needs the first line
+            raise EdgeCompressError(f"torch.onnx dynamo export failed: {str(exc).strip().splitlines()[0]}") from exc
+    _name_io_dims(program.model, num_layers)
+    program.model.producer_name = "edgecompress"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    program.save(str(out_dir / MODEL_FILE), external_data=True)
+    data = out_dir / DATA_FILE
+    if not data.exists():  # the exporter names the data file after the model; we promise this name
+        raise EdgeCompressError(f"exporter did not write {DATA_FILE}")
+    return {
+        "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}",
+        "opset": opset,
+        "seconds": round(time.perf_counter() - started, 2),
+        "num_layers": num_layers,
+    }
+
+
+def _name_io_dims(model: Any, num_layers: int) -> None:
+    """Give graph I/O readable symbolic dims, the names onnxruntime-genai's own builder uses."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for value in graph.inputs:
+        dims = list(value.shape)
+        if value.name in ("input_ids", "position_ids"):
+            dims = [BATCH, SEQ]
+        elif value.name == "attention_mask":
+            dims = [BATCH, TOTAL]
+        else:
+            dims = [BATCH, dims[1], PAST, dims[3]]
+        value.shape = ir.Shape(dims)
+    for value in graph.outputs:
+        dims = list(value.shape)
+        if value.name == "logits":
+            dims = [BATCH, SEQ, dims[2]]
+        else:
+            dims = [BATCH, dims[1], TOTAL, dims[3]]
+        value.shape = ir.Shape(dims)
+
+
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def genai_config(config: Any, generation_config: Any, tokenizer: Any) -> dict[str, Any]:
+    """genai_config.json for onnxruntime-genai; search settings come from the generation config."""
+    num_layers, kv_heads, head_dim = kv_geometry(config)
+    gen = generation_config
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_list = eos if isinstance(eos, list) else [eos]
+    pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_list[0]
+    bos = getattr(gen, "bos_token_id", None)
+    if bos is None:
+        bos = tokenizer.bos_token_id
+    do_sample = bool(getattr(gen, "do_sample", False))
+    context = int(getattr(config, "max_position_embeddings", 2048))
+    return {
+        "model": {
+            "type": GENAI_TYPES[config.model_type],
+            "bos_token_id": bos,
+            "eos_token_id": eos_list,
+            "pad_token_id": pad,
+            "vocab_size": config.vocab_size,
+            "context_length": context,
+            "decoder": {
+                "filename": MODEL_FILE,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_key_value_heads": kv_heads,
+                "num_hidden_layers": num_layers,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": do_sample,
+            "early_stopping": True,
+            "length_penalty": float(getattr(gen, "length_penalty", 1.0) or 1.0),
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": int(getattr(gen, "no_repeat_ngram_size", 0) or 0),
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
+            "temperature": float(getattr(gen, "temperature", 1.0) or 1.0) if do_sample else 1.0,
+            "top_k": int(getattr(gen, "top_k", 50) or 50) if do_sample else 1,
+            "top_p": float(getattr(gen, "top_p", 1.0) or 1.0) if do_sample else 1.0,
+        },
+    }
+
+
+def write_sidecar_files(out_dir: Path, loaded: Any) -> list[str]:
+    """genai_config.json, config.json, generation_config.json, tokenizer files and chat template."""
+    tokenizer = loaded.tokenizer
+    (out_dir / "genai_config.json").write_text(
+        json.dumps(genai_config(loaded.config, loaded.generation_config, tokenizer), indent=2) + "\n"
+    )
+    loaded.config.to_json_file(str(out_dir / "config.json"))
+    if loaded.generation_config is not None:
+        loaded.generation_config.to_json_file(str(out_dir / "generation_config.json"))
+    tokenizer.save_pretrained(str(out_dir))
+    template = getattr(tokenizer, "chat_template", None)
+    if template and not (out_dir / "chat_template.jinja").exists():
+        (out_dir / "chat_template.jinja").write_text(template)
+    if not (out_dir / "tokenizer.json").exists():
+        raise EdgeCompressError("the tokenizer has no fast (tokenizer.json) form; the artifact needs one")
+    return sorted(p.name for p in out_dir.iterdir())

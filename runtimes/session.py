@@ -1,0 +1,53 @@
+"""onnxruntime session creation for artifacts (CPU by default, CUDA when asked and available)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+
+MODEL_FILE = "model.onnx"
+
+
+class RuntimeLoadError(Exception):
+    """The artifact cannot be opened by onnxruntime (missing file, bad graph, missing op library)."""
+
+
+def model_path(artifact: str | os.PathLike) -> Path:
+    """Accept the artifact folder or the .onnx file itself."""
+    path = Path(artifact)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise RuntimeLoadError(f"no ONNX model at '{path}'")
+    return path
+
+
+def create_session(
+    artifact: str | os.PathLike,
+    providers: list[str] | None = None,
+    threads: int | None = None,
+    optimization: str = "all",
+    custom_op_libraries: list[str] | None = None,
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    for library in custom_op_libraries or []:
+        options.register_custom_ops_library(str(library))
+    try:
+        return ort.InferenceSession(
+            str(model_path(artifact)), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        )
+    except RuntimeLoadError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise RuntimeLoadError(f"onnxruntime cannot load '{artifact}': {str(exc).strip().splitlines()[0]}") from None

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random models saved as HF folders, and artifacts built from them."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_artifact(tiny_llama_dir, tmp_path_factory):
+    """One built and verified artifact, shared by the tests that only read it."""
+    from edgecompress import api
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-llama-cpu"
+    report = api.build(str(tiny_llama_dir), "cpu-x86", out)
+    return out, report
