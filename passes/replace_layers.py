@@ -1,0 +1,96 @@
+"""GRASP layer replacement: some decoder layers keep low-rank Linears, others go entirely.
+
+Composed from LowRankSplitPass and RemoveLayersPass. Splitting runs first, while module names
+still match the plan's original layer indices; removal renumbers the KV cache afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from edgecompress.passes.layer_map import PassInputError, build_layer_map
+from edgecompress.passes.low_rank_split import Factors, LowRankSplitPass
+from edgecompress.passes.remove_layers import RemoveLayersPass
+
+
+@dataclasses.dataclass
+class ReplaceLayersStats:
+    layers_replaced: int = 0
+    layers_removed: int = 0
+    matmuls_split: int = 0
+    params_before: int = 0  # dense weights of the split Linears
+    params_after: int = 0  # their factors
+    nodes_removed: int = 0
+
+
+class ReplaceLayersPass(ir.passes.InPlacePass):
+    """Replace the Linears of `replaced` layers by their factors and delete the `removed` layers.
+
+    `replaced` maps a decoder layer index to its factors keyed by full module name
+    (`model.layers.12.self_attn.q_proj`); every module must belong to that layer.
+    """
+
+    def __init__(self, replaced: dict[int, Factors], removed: list[int] = (), kv_names: dict[str, str] | None = None):
+        super().__init__()
+        self.replaced = replaced
+        self.removed = sorted(set(removed))
+        self.kv_names = kv_names
+        self.stats = ReplaceLayersStats()
+
+    @classmethod
+    def from_plan(cls, plan) -> ReplaceLayersPass:
+        """From an `edgecompress.plan.CompressionPlan` (its `<module>.A/.B/.bias` factors)."""
+        replaced: dict[int, Factors] = {}
+        for layer in plan.layers:
+            if layer.action != "replace":
+                continue
+            factors = replaced.setdefault(layer.index, {})
+            for linear in layer.linears:
+                arrays = tuple(plan.factors.get(f"{linear.module}.{part}") for part in ("A", "B", "bias"))
+                if arrays[0] is None or arrays[1] is None:
+                    raise PassInputError(f"plan factors miss {linear.module}.A/.B")
+                factors[linear.module] = arrays if arrays[2] is not None else arrays[:2]
+        return cls(replaced, plan.removed_layers)
+
+    def requires(self, model: ir.Model) -> None:
+        overlap = sorted(set(self.replaced) & set(self.removed))
+        if overlap:
+            raise PassInputError(f"layers {overlap} are both replaced and removed")
+        layer_map = build_layer_map(model.graph)
+        unknown = sorted(index for index in self.replaced if index not in layer_map.layers)
+        if unknown:
+            raise PassInputError(
+                f"cannot replace layers {unknown}: the model has decoder layers {list(layer_map.layers)}"
+            )
+        for index, factors in self.replaced.items():
+            for module in factors:
+                site = layer_map.find_linear(module)
+                if site.layer != index:
+                    raise PassInputError(f"module {module!r} is not in decoder layer {index}")
+        # The parts check the rest (factor shapes, layer lists) before anything changes.
+        self._split_pass().requires(model)
+        self._remove_pass().requires(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.stats = ReplaceLayersStats()
+        split, remove = self._split_pass(), self._remove_pass()
+        split_result = split(model)
+        remove_result = remove(model)
+        self.stats = ReplaceLayersStats(
+            layers_replaced=len([index for index, factors in self.replaced.items() if factors]),
+            layers_removed=remove.stats.layers_removed,
+            matmuls_split=split.stats.matmuls_split,
+            params_before=split.stats.params_before,
+            params_after=split.stats.params_after,
+            nodes_removed=remove.stats.nodes_removed,
+        )
+        return ir.passes.PassResult(model, modified=split_result.modified or remove_result.modified)
+
+    def _split_pass(self) -> LowRankSplitPass:
+        flat = {module: arrays for factors in self.replaced.values() for module, arrays in factors.items()}
+        return LowRankSplitPass(flat)
+
+    def _remove_pass(self) -> RemoveLayersPass:
+        return RemoveLayersPass(self.removed, self.kv_names)
