@@ -30,4 +30,18 @@ def targets(*args, **kwargs):
     return _targets(*args, **kwargs)
 
 
-__all__ = ["EdgeCompressError", "build", "inspect", "targets", "__version__"]
+def eval(*args, **kwargs):  # noqa: A001 - the CLI verb's name
+    """Perplexity of an artifact through onnxruntime."""
+    from edgecompress.api import eval as _eval
+
+    return _eval(*args, **kwargs)
+
+
+def generate(*args, **kwargs):
+    """Generate text from an artifact with the runtime-only generator."""
+    from edgecompress.api import generate as _generate
+
+    return _generate(*args, **kwargs)
+
+
+__all__ = ["EdgeCompressError", "build", "eval", "generate", "inspect", "targets", "__version__"]

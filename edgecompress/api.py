@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from edgecompress import artifact, profiles
 from edgecompress.errors import EdgeCompressError
-from edgecompress.pipeline import BuildOptions, Progress
+from edgecompress.pipeline import BuildOptions, CompressOptions, Progress
 from edgecompress.pipeline import build as _run_build
 
 
@@ -21,9 +22,30 @@ def build(
     force: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    method: str = "grasp",
+    ratio: float | None = None,
+    plan: str | Path | None = None,
+    calibration: str | None = None,
+    calib_sequences: int = 16,
+    calib_seq_len: int = 512,
+    seed: int = 0,
+    rho: float = 0.9,
+    device: str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json)."""
+    """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json).
+
+    With `ratio` (fraction of all parameters to remove) or a saved `plan`, the model is compressed:
+    PyTorch decides the plan (`method`, calibrated on `calibration`), graph passes apply it to the
+    export, and verification compares against PyTorch with the same plan applied.
+    """
+    compress = None
+    if ratio is not None or plan is not None:
+        compress = CompressOptions(
+            method=method, ratio=ratio, plan=Path(plan) if plan is not None else None,
+            calibration=calibration, calib_sequences=calib_sequences, calib_seq_len=calib_seq_len,
+            seed=seed, rho=rho, device=device,
+        )
     options = BuildOptions(
         model=model,
         target=target,
@@ -31,6 +53,7 @@ def build(
         force=force,
         revision=revision,
         trust_remote_code=trust_remote_code,
+        compress=compress,
     )
     return _run_build(options, progress)
 
@@ -109,3 +132,73 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise EdgeCompressError(f"'{path}' is not valid JSON: {exc}") from None
+
+
+# --- runtime verbs: torch-free, they only run onnxruntime on an existing artifact ---------------
+
+
+def eval(  # noqa: A001 - the verb is `edgecompress eval`
+    out: str | Path,
+    data: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Perplexity of the artifact OUT on a text file (WikiText-2 test split by default), via onnxruntime."""
+    from edgecompress.runtimes.perplexity import perplexity
+
+    with _runtime_errors():
+        return perplexity(out, data, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
+
+
+def generate(
+    out: str | Path,
+    prompt: str = "",
+    *,
+    max_new_tokens: int = 128,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    chat: bool = False,
+    system: str | None = None,
+    messages: list[dict] | None = None,
+    on_text=None,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> dict[str, Any]:
+    """Generate text from the artifact OUT; `on_text` receives each piece as it completes.
+
+    Greedy unless a temperature > 0 (or top-k, top-p, seed) asks for sampling. The result holds the token
+    ids (the eos id included when reached), the text, why it stopped and timings."""
+    from edgecompress.runtimes.generate import TextGenerator
+    from edgecompress.runtimes.sampling import SamplingSettings
+
+    if temperature is None:  # asking for top-k, top-p or a seed means sampling, at temperature 1
+        temperature = 1.0 if (top_k or top_p is not None or seed is not None) else 0.0
+    sampling = SamplingSettings(
+        temperature=temperature,
+        top_k=top_k if top_k is not None else 0,
+        top_p=top_p if top_p is not None else 1.0,
+        seed=seed,
+    )
+    with _runtime_errors():
+        generator = TextGenerator(out, providers=providers, threads=threads)
+        result = generator.generate(
+            prompt, max_new_tokens, sampling, chat=chat, system=system, messages=messages, on_text=on_text
+        )
+    return result.as_dict()
+
+
+@contextmanager
+def _runtime_errors():
+    """The runtime raises its own torch-free errors; the API speaks EdgeCompressError."""
+    from edgecompress.runtimes.errors import ArtifactRuntimeError
+    from edgecompress.runtimes.session import RuntimeLoadError
+
+    try:
+        yield
+    except (ArtifactRuntimeError, RuntimeLoadError) as exc:
+        raise EdgeCompressError(str(exc)) from None

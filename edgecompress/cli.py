@@ -42,7 +42,8 @@ def _quiet_libraries(verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO)
         return
     warnings.filterwarnings("ignore")
-    for name in ("torch", "torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
+                 "torch.export", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -121,16 +122,39 @@ def build(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for Hub ids."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom modelling code from the Hub."),
+    ratio: Optional[float] = typer.Option(
+        None, "--ratio", "-r", help="Compress: fraction of ALL parameters to remove (embeddings included), "
+        "e.g. 0.2.", show_default=False,
+    ),
+    method: str = typer.Option(
+        "grasp", "--method", "-m", help="Compression method: grasp, grasp-w, shortgpt, svd, svd-llm."
+    ),
+    plan: Optional[Path] = typer.Option(
+        None, "--plan", help="Reuse a saved plan folder (plan.json + factors.safetensors); skips attribution.",
+        show_default=False,
+    ),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", help="Calibration text: a file, or hf:DATASET[:CONFIG][:SPLIT][:FIELD] "
+        "(default: WikiText-2 validation).", show_default=False,
+    ),
+    calib_sequences: int = typer.Option(16, help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    rho: float = typer.Option(0.9, help="Fraction of each replaced matrix's parameters removed."),
+    device: str = typer.Option("cpu", help="PyTorch device for attribution (cpu, cuda)."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Export MODEL to ONNX with a KV cache, verify it against PyTorch, and write the artifact folder."""
+    """Export MODEL to ONNX with a KV cache, optionally compress it, verify it against PyTorch, and
+    write the artifact folder."""
     from edgecompress import api
 
     _quiet_libraries(verbose)
     with RichStages(quiet) as stages:
         report = api.build(
-            model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code, progress=stages
+            model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
+            method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
+            calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, progress=stages,
         )
     if quiet:
         out_console.print(report["path"], highlight=False)
@@ -147,11 +171,23 @@ def _print_build_summary(report: dict[str, Any]) -> None:
     table.add_row("size", f"{report['size_bytes'] / 1e6:.1f} MB ({len(report['files'])} files)")
     table.add_row("model", f"{report['model']['model_type']}, {report['model']['num_layers']} layers, "
                   f"{report['model']['parameters']:,} parameters")
+    compression = report.get("compression")
+    if compression:
+        accounting = compression.get("params", {})
+        table.add_row("compression", f"{compression.get('method')}: {_plan_layers(compression)}; "
+                      f"achieved ratio {accounting.get('achieved_ratio', float('nan')):.4f}")
     table.add_row("parity", f"{'[green]passed[/]' if verification['passed'] else '[red]FAILED[/]'}: "
                   f"max |Δlogit| {worst:.2e} (prefill, decode, padded batch)")
     table.add_row("greedy", f"{len(greedy['onnxruntime'])} tokens identical to PyTorch: {greedy['identical']}")
     table.add_row("time", f"{report['total_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
     out_console.print(table)
+
+
+def _plan_layers(compression: dict[str, Any]) -> str:
+    actions: dict[str, list[int]] = {}
+    for layer in compression.get("layers", []):
+        actions.setdefault(layer["action"], []).append(layer["index"])
+    return ", ".join(f"{action} {indices}" for action, indices in actions.items() if action != "keep") or "no change"
 
 
 @app.command()
@@ -216,6 +252,81 @@ def list_targets(
             f"{p.get('peak_tflops_fp32', '?')} TFLOPS", p["description"],
         )
     out_console.print(table)
+
+
+@app.command("eval")
+@handle_errors
+def eval_artifact(
+    out: Path = typer.Argument(..., help="Artifact folder."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Text file to score (default: the WikiText-2 test split in shared/data when present).",
+        show_default=False,
+    ),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N windows.", show_default=False),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per non-overlapping window."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per onnxruntime call."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the result and its settings as JSON."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Perplexity of an artifact through onnxruntime (non-overlapping windows, mean next-token NLL)."""
+    from edgecompress import api
+
+    result = api.eval(out, data, limit=limit, seq_len=seq_len, batch_size=batch_size, threads=threads)
+    if as_json:
+        out_console.print_json(json.dumps(result))
+        return
+    if quiet:
+        out_console.print(f"{result['perplexity']:.4f}", highlight=False)
+        return
+    settings = result["settings"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("perplexity", f"{result['perplexity']:.4f} (mean NLL {result['mean_nll']:.5f})")
+    table.add_row("windows", f"{result['windows']} of {result['windows_available']} × {settings['seq_len']} tokens, "
+                  f"{result['tokens_scored']:,} tokens scored")
+    table.add_row("data", settings["data"])
+    table.add_row("time", f"{result['seconds']['evaluate']:.1f} s ({result['tokens_per_second']:.0f} tokens/s)")
+    out_console.print(table)
+
+
+@app.command()
+@handle_errors
+def generate(
+    out: Path = typer.Argument(..., help="Artifact folder."),
+    prompt: str = typer.Argument("", help="Prompt text (may be empty)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", help="Sampling temperature (default: greedy; 1 when --top-k/--top-p/--seed is given).",
+        show_default=False
+    ),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.", show_default=False),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass.", show_default=False),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling.", show_default=False),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the artifact's chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat).", show_default=False),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads.", show_default=False),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Generate text from an artifact with onnxruntime (KV cache), streaming tokens as they are produced."""
+    from edgecompress import api
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = api.generate(
+        out, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        chat=chat, system=system, on_text=write, threads=threads,
+    )
+    sys.stdout.write("\n")
+    if not quiet:
+        err_console.print(
+            f"[dim]{len(result['tokens'])} tokens ({result['stopped']}), prompt {result['prompt_tokens']} tokens, "
+            f"prefill {result['prefill_seconds']:.2f} s, decode {result['decode_tokens_per_second']:.1f} tokens/s[/]",
+            highlight=False,
+        )
 
 
 def main() -> None:

@@ -27,6 +27,21 @@ class Progress:
 
 
 @dataclass
+class CompressOptions:
+    """How to compress; the plan it leads to is saved in the artifact's plan/ folder."""
+
+    method: str = "grasp"
+    ratio: float | None = None  # fraction of ALL parameters removed, embeddings included
+    plan: Path | None = None  # reuse a saved plan: skips calibration and attribution
+    calibration: str | None = None  # text file, hf:dataset spec; default WikiText-2 validation
+    calib_sequences: int = 16
+    calib_seq_len: int = 512
+    seed: int = 0
+    rho: float = 0.9
+    device: str = "cpu"
+
+
+@dataclass
 class BuildOptions:
     model: str | None = None
     target: str | None = None
@@ -34,6 +49,7 @@ class BuildOptions:
     force: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
+    compress: CompressOptions | None = None
 
 
 @dataclass
@@ -86,15 +102,28 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
     out = Path(options.out) if options.out else default_out(options.model, profile["name"])
     artifact.check_destination(out, options.force)
     source = models.resolve(options.model, options.revision, options.trust_remote_code)
+    compression = options.compress
+    saved_plan = _check_compress_options(compression) if compression else None
 
     with clock.stage("load") as note:
         note(f"{source.spec} ({source.kind})")
         loaded = models.load(source)
 
+    plan = _plan_stage(clock, loaded, compression, saved_plan) if compression else None
+
     with artifact.staged_folder(out, options.force) as staging:
         with clock.stage("export"):
             export_info = export.export_onnx(loaded.model, staging)
-            files = export.write_sidecar_files(staging, loaded)
+            export.write_sidecar_files(staging, loaded)
+        if plan is not None:
+            with clock.stage("passes") as note:
+                from edgecompress import transform
+                from edgecompress.apply_plan import apply_plan
+
+                note(f"{len(plan.replaced_layers)} layers replaced, {len(plan.removed_layers)} removed")
+                export_info["passes"] = transform.apply_plan_to_artifact(staging, plan)
+                plan.save(staging / "plan")
+                apply_plan(loaded.model, plan, check_hash=False)  # the reference for verification
         with clock.stage("verify") as note:
             tolerances = verify.Tolerances.from_profile(profile)
             verification = verify.verify(staging, loaded.model, loaded.tokenizer, tolerances, note)
@@ -106,11 +135,12 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
                 "model": loaded.info,
                 "target": {k: v for k, v in profile.items() if k != "verify"},
                 "export": export_info,
+                "compression": _plan_summary(plan) if plan is not None else None,
                 "verification": verification,
-                "files": files,
+                "files": sorted(p.name for p in staging.iterdir()),
                 "manifest": artifact.manifest(staging),
-                "size_bytes": sum(p.stat().st_size for p in staging.iterdir() if p.is_file()),
             }
+            report["size_bytes"] = sum(entry["bytes"] for entry in report["manifest"].values())
             report["timings_s"] = clock.timings
             report["total_seconds"] = round(time.perf_counter() - started, 2)
             report["peak_rss_mb"] = peak_rss_mb()
@@ -118,3 +148,55 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
             (staging / artifact.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     report["path"] = str(out)
     return report
+
+
+def _check_compress_options(compression: CompressOptions):
+    """Everything about compression that can be refused before the model is loaded."""
+    from edgecompress.compress import METHODS
+    from edgecompress.plan import CompressionPlan, check_ratio
+
+    if compression.plan is not None:
+        return CompressionPlan.load(compression.plan)
+    if compression.method not in METHODS:
+        raise EdgeCompressError(f"unknown method '{compression.method}'; use one of {', '.join(METHODS)}")
+    if compression.ratio is None:
+        raise EdgeCompressError("compression needs --ratio (fraction of all parameters to remove) or --plan")
+    check_ratio(compression.ratio)
+    if not 0.0 < compression.rho < 1.0:
+        raise EdgeCompressError(f"--rho must be strictly between 0 and 1, got {compression.rho}")
+    return None
+
+
+def _plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_plan):
+    """Calibrate and attribute (PyTorch only), or check that a saved plan belongs to this model."""
+    from edgecompress.plan import model_weights_hash
+
+    if saved_plan is not None:
+        with clock.stage("plan") as note:
+            note(f"reusing {compression.plan}")
+            saved_plan.verify_hash(model_weights_hash(loaded.model))
+        return saved_plan
+    from edgecompress.calibrate import build_calibration, default_wikitext_dir
+    from edgecompress.compress import make_plan
+
+    source = compression.calibration or str(default_wikitext_dir() / "wiki.valid.tokens")
+    with clock.stage("calibrate") as note:
+        note(f"{compression.calib_sequences} x {compression.calib_seq_len} tokens from {source}")
+        calib = build_calibration(
+            source, loaded.tokenizer, compression.calib_sequences, compression.calib_seq_len, compression.seed
+        )
+    with clock.stage("attribute") as note:
+
+        def progress(stage: str, done: int, total: int) -> None:
+            note(f"{compression.method}: {stage} {done}/{total}")
+
+        return make_plan(
+            loaded.model, calib, compression.method, compression.ratio, compression.rho,
+            compression.device, progress,
+        )
+
+
+def _plan_summary(plan) -> dict[str, Any]:
+    data = plan.to_json_dict()
+    data.pop("factors_file", None)
+    return data

@@ -27,6 +27,10 @@ def _modules_after_import(module: str) -> set[str]:
     return set(result.stdout.split())
 
 
+RUNTIME_MODULES = ("decoder", "generate", "perplexity", "chat", "detokenize", "sampling", "kv_steps", "artifact_files")
+
+
 def test_runtimes_do_not_import_torch_or_transformers():
-    loaded = _modules_after_import("edgecompress.runtimes.decoder")
+    modules = ", ".join(f"edgecompress.runtimes.{name}" for name in RUNTIME_MODULES)
+    loaded = _modules_after_import(modules)
     assert "torch" not in loaded and "transformers" not in loaded

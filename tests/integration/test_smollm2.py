@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-def test_default_build_of_smollm2_passes_parity_and_greedy(tmp_path):
-    out = tmp_path / "smollm2"
-    result = subprocess.run(
-        [sys.executable, "-m", "edgecompress.cli", "build", "-o", str(out)],
-        capture_output=True, text=True, timeout=1800,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_default_build_of_smollm2_passes_parity_and_greedy(smollm2_artifact):
+    """The fixture runs `edgecompress build -o OUT` with no MODEL: the embedded default."""
+    out = smollm2_artifact
     report = json.loads((out / "report.json").read_text())
     assert report["source"]["spec"] == "smollm2-135m" and report["source"]["kind"] == "alias"
     assert report["model"]["num_layers"] == 30 and report["model"]["parameters"] == 134_515_008

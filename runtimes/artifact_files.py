@@ -1,0 +1,70 @@
+"""Reading an artifact folder: its JSON files, its tokenizer, and a check against report.json's manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from edgecompress.runtimes.errors import ArtifactRuntimeError
+
+REPORT_FILE = "report.json"
+
+
+def artifact_folder(artifact) -> Path:
+    folder = Path(artifact)
+    if folder.is_file() and folder.suffix == ".onnx":
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ArtifactRuntimeError(f"'{artifact}' is not an artifact folder")
+    return folder
+
+
+def read_json(folder: Path, name: str, required: bool = True) -> dict:
+    path = folder / name
+    if not path.is_file():
+        if required:
+            raise ArtifactRuntimeError(f"'{folder}' has no {name}")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ArtifactRuntimeError(f"'{path}' is not valid JSON: {exc}") from None
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ArtifactRuntimeError(f"'{folder}' has no tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise ArtifactRuntimeError(f"'{path}' is not a readable tokenizer: {str(exc).splitlines()[0]}") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_manifest(folder: Path, hashes: bool = True) -> dict:
+    """Every file listed in report.json's manifest is present with its size (and sha256 when `hashes`)."""
+    manifest = read_json(folder, REPORT_FILE).get("manifest")
+    if not manifest:
+        raise ArtifactRuntimeError(f"'{folder / REPORT_FILE}' has no manifest to check the files against")
+    for name, entry in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactRuntimeError(f"artifact file '{name}' is missing from '{folder}'")
+        if path.stat().st_size != entry["bytes"]:
+            raise ArtifactRuntimeError(
+                f"artifact file '{name}' has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+            )
+        if hashes and _sha256(path) != entry["sha256"]:
+            raise ArtifactRuntimeError(f"artifact file '{name}' does not match its sha256 in the manifest (corrupted?)")
+    return manifest
