@@ -31,6 +31,7 @@ def build(
     seed: int = 0,
     rho: float = 0.9,
     device: str = "cpu",
+    eval_limit: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json).
@@ -54,6 +55,7 @@ def build(
         revision=revision,
         trust_remote_code=trust_remote_code,
         compress=compress,
+        eval_limit=eval_limit,
     )
     return _run_build(options, progress)
 

@@ -142,6 +142,10 @@ def build(
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     rho: float = typer.Option(0.9, help="Fraction of each replaced matrix's parameters removed."),
     device: str = typer.Option("cpu", help="PyTorch device for attribution (cpu, cuda)."),
+    eval_limit: Optional[int] = typer.Option(
+        None, help="WikiText-2 test windows (512 tokens) for the perplexity in the report; default 40 for "
+        "compressed builds, none for dense ones; 0 disables.", show_default=False,
+    ),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -154,7 +158,8 @@ def build(
         report = api.build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
             method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
-            calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, progress=stages,
+            calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, eval_limit=eval_limit,
+            progress=stages,
         )
     if quiet:
         out_console.print(report["path"], highlight=False)
@@ -178,6 +183,10 @@ def _print_build_summary(report: dict[str, Any]) -> None:
                       f"achieved ratio {accounting.get('achieved_ratio', float('nan')):.4f}")
     table.add_row("parity", f"{'[green]passed[/]' if verification['passed'] else '[red]FAILED[/]'}: "
                   f"max |Δlogit| {worst:.2e} (prefill, decode, padded batch)")
+    evaluation = report.get("evaluation") or {}
+    if "perplexity" in evaluation:
+        table.add_row("perplexity", f"{evaluation['perplexity']:.2f} (WikiText-2 test, "
+                      f"{evaluation.get('windows', '?')} x {evaluation.get('settings', {}).get('seq_len', 512)} tokens)")
     table.add_row("greedy", f"{len(greedy['onnxruntime'])} tokens identical to PyTorch: {greedy['identical']}")
     table.add_row("time", f"{report['total_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
     out_console.print(table)

@@ -50,6 +50,9 @@ class BuildOptions:
     revision: str | None = None
     trust_remote_code: bool = False
     compress: CompressOptions | None = None
+    # WikiText-2 test windows for the artifact's perplexity in the report; None: 40 for compressed
+    # builds and none for dense ones; 0: never.
+    eval_limit: int | None = None
 
 
 @dataclass
@@ -127,6 +130,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
         with clock.stage("verify") as note:
             tolerances = verify.Tolerances.from_profile(profile)
             verification = verify.verify(staging, loaded.model, loaded.tokenizer, tolerances, note)
+        evaluation = _evaluate_stage(clock, staging, options)
         with clock.stage("write"):
             report = {
                 "edgecompress": __version__,
@@ -136,6 +140,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
                 "target": {k: v for k, v in profile.items() if k != "verify"},
                 "export": export_info,
                 "compression": _plan_summary(plan) if plan is not None else None,
+                "evaluation": evaluation,
                 "verification": verification,
                 "files": sorted(p.name for p in staging.iterdir()),
                 "manifest": artifact.manifest(staging),
@@ -200,3 +205,22 @@ def _plan_summary(plan) -> dict[str, Any]:
     data = plan.to_json_dict()
     data.pop("factors_file", None)
     return data
+
+
+def _evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions) -> dict[str, Any] | None:
+    """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed builds)."""
+    limit = options.eval_limit
+    if limit is None:
+        limit = 40 if options.compress else 0
+    if limit <= 0:
+        return None
+    from edgecompress.runtimes.perplexity import default_data, perplexity
+
+    if default_data() is None:
+        return {"skipped": "WikiText-2 test split not found (pass --eval-limit 0 or run `edgecompress eval`)"}
+    with clock.stage("evaluate") as note:
+        note(f"WikiText-2 perplexity, {limit} windows of 512 tokens")
+        result = perplexity(staging, limit=limit)
+    result.pop("artifact")  # the staging path, meaningless once renamed
+    result.pop("window_nll")
+    return result

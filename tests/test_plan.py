@@ -119,3 +119,12 @@ def test_plan_hash_changes_with_settings_and_data():
     other_ratio = make_plan(model, calibration(), "shortgpt", ratio=0.2)
     other_data = CalibrationSet(calibration().input_ids.flip(1), "random tokens", "0" * 64, 0)
     assert len({base.plan_hash, other_ratio.plan_hash, make_plan(model, other_data, "shortgpt", ratio=0.3).plan_hash}) == 3
+
+
+def test_removing_every_layer_is_out_of_reach():
+    model = tiny_llama(layers=2)
+    layer_share = sum(p.numel() for p in model.model.layers[0].parameters()) / sum(p.numel() for p in model.parameters())
+    with pytest.raises(EdgeCompressError, match="out of reach"):
+        make_plan(model, calibration(), "shortgpt", ratio=min(0.99, 1.5 * layer_share))
+    with pytest.raises(EdgeCompressError, match="at most"):
+        make_plan(model, calibration(), "shortgpt", n_layers=2, ratio=None)

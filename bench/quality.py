@@ -1,0 +1,205 @@
+"""Quality benchmark (issue 3): perplexity kept per parameter removed, for every method and ratio.
+
+Protocol (shared/docs/reference-points.md): smollm2-135m, calibration 16 x 512 tokens from the start
+of WikiText-2 validation (`wiki.valid.tokens`), perplexity over the first 40 non-overlapping
+512-token windows of `wiki.test.raw`, ratio = fraction of ALL parameters removed.
+
+The dense model is exported and verified once (`edgecompress build`); each (method, ratio) then runs
+attribution in a child process (so its wall time and peak RSS are its own), and the plan is applied to
+a copy of the dense export with the same graph passes a build uses; perplexity is measured on that
+ONNX model through onnxruntime. Writes bench/results/quality.json, quality.md and quality.png.
+
+Usage: python bench/quality.py [--ratios 0.1 0.2 0.3] [--methods ...] [--limit 40] [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from backbone import machine_description  # noqa: E402
+
+RESULTS = HERE / "results"
+MODEL = "smollm2-135m"
+REFERENCE = {  # shared/docs/reference-points.md, same protocol, independent reimplementations
+    "dense": 28.74,
+    ("shortgpt", 0.1): 54.3, ("grasp", 0.1): 55.2, ("shortgpt", 0.2): 122.0, ("grasp", 0.2): 120.7,
+}
+
+
+def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_len: int) -> None:
+    """Attribution only: load, calibrate, make the plan, save it; print cost as JSON."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    from edgecompress import models
+    from edgecompress.calibrate import build_calibration, default_wikitext_dir
+    from edgecompress.compress import make_plan
+
+    loaded = models.load(models.resolve(MODEL))
+    started = time.perf_counter()
+    calib = build_calibration(str(default_wikitext_dir() / "wiki.valid.tokens"), loaded.tokenizer,
+                              calib_sequences, seq_len)
+    plan = make_plan(loaded.model, calib, method, ratio)
+    seconds = time.perf_counter() - started
+    plan.save(plan_dir)
+    print(json.dumps({
+        "compression_seconds": round(seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "achieved_ratio": plan.params["achieved_ratio"],
+        "layers": {a: plan.layers_with(a) for a in ("replace", "remove")},
+    }))
+
+
+def run_child(method: str, ratio: float, plan_dir: Path, args) -> dict:
+    command = [sys.executable, __file__, "--child", method, str(ratio), str(plan_dir),
+               "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def evaluate_plan(dense: Path, plan_dir: Path, work: Path, limit: int | None, seq_len: int) -> dict:
+    from edgecompress import transform
+    from edgecompress.plan import CompressionPlan
+    from edgecompress.runtimes.perplexity import perplexity
+
+    folder = work / "compressed"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(dense / name, folder / name)
+    counts = transform.apply_plan_to_artifact(folder, CompressionPlan.load(plan_dir))
+    result = perplexity(folder, seq_len=seq_len, limit=limit)
+    return {"perplexity": result["perplexity"], "passes": counts, "onnx_bytes": (folder / "model.onnx.data").stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "RATIO", "PLAN_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    parser.add_argument("--methods", nargs="+", default=["shortgpt", "svd", "svd-llm", "grasp", "grasp-w"])
+    parser.add_argument("--limit", type=int, default=40, help="evaluation windows (0 = the whole test split)")
+    parser.add_argument("--full", action="store_true", help="also evaluate the dense model on the whole split")
+    parser.add_argument("--calib-sequences", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dense-artifact", type=Path, help="reuse a dense artifact built for cpu-x86")
+    parser.add_argument("--order", nargs="+", metavar="METHOD@RATIO",
+                        help="run exactly these configurations, in this order (instead of ratios x methods)")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in quality.json")
+    args = parser.parse_args()
+    if args.child:
+        method, ratio, plan_dir = args.child
+        return child(method, float(ratio), Path(plan_dir), args.calib_sequences, args.seq_len)
+
+    from edgecompress import api
+    from edgecompress.runtimes.perplexity import perplexity
+
+    limit = args.limit or None
+    record = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "protocol": {"model": MODEL, "calibration": f"{args.calib_sequences} x {args.seq_len} tokens from the "
+                     "start of wiki.valid.tokens", "evaluation": f"first {args.limit or 'all'} non-overlapping "
+                     f"{args.seq_len}-token windows of wiki.test.raw, onnxruntime CPU"},
+        "reference_points": {f"{k[0]}@{k[1]}" if isinstance(k, tuple) else k: v for k, v in REFERENCE.items()},
+        "rows": [],
+    }
+    if args.resume and (RESULTS / "quality.json").is_file():
+        record["rows"] = json.loads((RESULTS / "quality.json").read_text())["rows"]
+    done = {(r["method"], r["target_ratio"]) for r in record["rows"]}
+    configs = [(m, float(r)) for m, r in (c.split("@") for c in args.order)] if args.order else [
+        (m, r) for r in args.ratios for m in args.methods]
+    with tempfile.TemporaryDirectory(prefix="ec-quality-") as tmp:
+        work = Path(tmp)
+        dense = args.dense_artifact
+        if dense is None:
+            dense = work / "dense"
+            api.build(MODEL, "cpu-x86", dense)
+        if ("dense", 0.0) not in done:
+            dense_ppl = perplexity(dense, seq_len=args.seq_len, limit=limit)
+            record["rows"].append({"method": "dense", "target_ratio": 0.0, "achieved_ratio": 0.0,
+                                   "perplexity": dense_ppl["perplexity"]})
+            print("dense", dense_ppl["perplexity"], flush=True)
+        if args.full:
+            full = perplexity(dense, seq_len=args.seq_len, limit=None)
+            record["dense_full_split"] = {"perplexity": full["perplexity"], "windows": full.get("windows")}
+        for method, ratio in configs:
+            if (method, ratio) in done:
+                continue
+            plan_dir = work / f"plan-{method}-{ratio}"
+            row = {"method": method, "target_ratio": ratio, "code": _code_hash(),
+                   **run_child(method, ratio, plan_dir, args)}
+            if "error" not in row:
+                row.update(evaluate_plan(dense, plan_dir, work, limit, args.seq_len))
+            record["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            _write(record)
+    _write(record)
+
+
+def _code_hash() -> str:
+    """Which compression code produced a row: sha256 of the PyTorch-side and pass sources."""
+    import hashlib
+
+    root = HERE.parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("edgecompress/*.py"), *root.glob("edgecompress/attribution/*.py"),
+                        *root.glob("passes/*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _write(record: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["| method | target | achieved ratio | WikiText-2 ppl | compression s | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in sorted(record["rows"], key=lambda r: (r["target_ratio"], r["method"])):
+        ppl = f"{row['perplexity']:.2f}" if "perplexity" in row else row.get("error", "?")
+        lines.append(f"| {row['method']} | {row['target_ratio']:.0%} | {row.get('achieved_ratio', 0):.4f} | {ppl} | "
+                     f"{row.get('compression_seconds', '')} | {row.get('peak_rss_mb', '')} |")
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    _plot(record)
+
+
+def _plot(record: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = next(r["perplexity"] for r in record["rows"] if r["method"] == "dense")
+    methods = sorted({r["method"] for r in record["rows"] if r["method"] != "dense"})
+    for method in methods:
+        rows = [r for r in record["rows"] if r["method"] == method and "perplexity" in r]
+        if rows:
+            ax.plot([100 * r["achieved_ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=method)
+    ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters removed (% of all, embeddings included)")
+    ax.set_ylabel("WikiText-2 perplexity (40 x 512)")
+    ax.set_title("smollm2-135m: quality kept per parameter removed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Apply a CompressionPlan to a Hugging Face torch model in place.
+
+The result is the PyTorch reference the compressed ONNX export must match: replaced Linears become
+two thin Linears (x @ Aᵀ, then @ Bᵀ + bias), removed decoder layers are deleted and the remaining
+ones renumbered so the KV cache keeps one slot per remaining layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgecompress.attribution.layer_stream import decoder_layers, set_submodule
+from edgecompress.errors import EdgeCompressError
+from edgecompress.plan import CompressionPlan, model_weights_hash
+
+
+class LowRankLinear(nn.Module):
+    """W ≈ B A as two bias-free-then-biased Linears: in -> rank -> out."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        rank, in_features = a.shape
+        out_features = b.shape[0]
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.a = nn.Linear(in_features, rank, bias=False)
+        self.b = nn.Linear(rank, out_features, bias=bias is not None)
+        with torch.no_grad():
+            self.a.weight.copy_(a)
+            self.b.weight.copy_(b)
+            if bias is not None:
+                self.b.bias.copy_(bias)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def install_low_rank(model, module_name: str, a, b, bias=None) -> nn.Module:
+    """Swap the Linear `module_name` for a LowRankLinear (same device and dtype); returns the old one."""
+    old = model.get_submodule(module_name)
+    weight = old.weight
+    tensors = [None if t is None else torch.as_tensor(t).to(weight.device, weight.dtype) for t in (a, b, bias)]
+    new = LowRankLinear(*tensors).to(device=weight.device, dtype=weight.dtype)
+    return set_submodule(model, module_name, new)
+
+
+def remove_layers(model, indices) -> None:
+    """Delete decoder layers and renumber the rest (attention `layer_idx`, config)."""
+    layers = decoder_layers(model)
+    doomed = sorted(set(indices))
+    if any(not 0 <= i < len(layers) for i in doomed):
+        raise EdgeCompressError(f"cannot remove layers {doomed}: the model has {len(layers)}")
+    kept = [layer for i, layer in enumerate(layers) if i not in doomed]
+    model.model.layers = nn.ModuleList(kept)
+    for new_index, layer in enumerate(kept):
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_index
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == len(layers):
+        config.layer_types = [kind for i, kind in enumerate(layer_types) if i not in doomed]
+    config.num_hidden_layers = len(kept)
+
+
+def _check_shapes(model, plan: CompressionPlan) -> None:
+    n_layers = len(decoder_layers(model))
+    if plan.model.get("num_hidden_layers", n_layers) != n_layers or len(plan.layers) != n_layers:
+        raise EdgeCompressError(f"plan is for a model with {len(plan.layers)} layers, this one has {n_layers}")
+    for linear in plan.low_rank_linears():
+        try:
+            module = model.get_submodule(linear.module)
+        except AttributeError as exc:
+            raise EdgeCompressError(f"plan names {linear.module}, which this model does not have") from exc
+        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != (
+            linear.out_features,
+            linear.in_features,
+        ):
+            raise EdgeCompressError(f"plan's {linear.module} does not match this model's module")
+
+
+@torch.no_grad()
+def apply_plan(model, plan: CompressionPlan, check_hash: bool = True):
+    """Apply `plan` to `model` in place and return it. With `check_hash`, the model's weights must
+    be the ones the plan was made from."""
+    if check_hash:
+        plan.verify_hash(model_weights_hash(model))
+    _check_shapes(model, plan)
+    plan.validate()
+    for linear in plan.low_rank_linears():
+        a = plan.factors[f"{linear.module}.A"]
+        b = plan.factors[f"{linear.module}.B"]
+        bias = plan.factors.get(f"{linear.module}.bias") if linear.has_bias else None
+        install_low_rank(model, linear.module, a, b, bias)
+    if plan.removed_layers:
+        remove_layers(model, plan.removed_layers)
+    return model

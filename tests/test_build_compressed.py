@@ -1,0 +1,108 @@
+"""Compressed builds end to end on a tiny model: plan → passes → verification against torch-with-plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgecompress import api
+from edgecompress.errors import EdgeCompressError
+from tests.tiny_models import WORDS
+
+CALIB = dict(calib_sequences=2, calib_seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(WORDS * 6) + " .\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def grasp_artifact(tiny_llama_dir, calibration_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compressed") / "grasp"
+    report = api.build(str(tiny_llama_dir), "cpu-x86", out, ratio=0.2, method="grasp",
+                       calibration=calibration_file, **CALIB)
+    return out, report
+
+
+def test_grasp_build_is_verified_and_smaller(grasp_artifact):
+    out, report = grasp_artifact
+    assert report["verification"]["passed"] and report["verification"]["greedy"]["identical"]
+    params = report["compression"]["params"]
+    assert 0.1 < params["achieved_ratio"] < 0.35
+    replaced = [layer for layer in report["compression"]["layers"] if layer["action"] == "replace"]
+    assert replaced and all(len(layer["linears"]) == 7 for layer in replaced)
+    counts = report["export"]["passes"]["ReplaceLayersPass"]
+    assert counts["modified"] and counts["matmuls_split"] == 7 * len(replaced)
+    assert counts["params_after"] < counts["params_before"]
+    assert (out / "plan" / "plan.json").is_file() and (out / "plan" / "factors.safetensors").is_file()
+    assert "plan/plan.json" in report["manifest"]
+
+
+def test_shortgpt_removes_layers_and_renumbers_the_cache(tiny_llama_dir, calibration_file, tmp_path):
+    report = api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "short", ratio=0.25, method="shortgpt",
+                       calibration=calibration_file, **CALIB)
+    removed = [layer["index"] for layer in report["compression"]["layers"] if layer["action"] == "remove"]
+    assert removed and report["verification"]["passed"]
+    genai = json.loads((tmp_path / "short" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["num_hidden_layers"] == 3 - len(removed)
+    info = api.inspect(tmp_path / "short")
+    kv_inputs = sorted(v["name"] for v in info["inputs"] if v["name"].startswith("past_key_values."))
+    assert kv_inputs == sorted(f"past_key_values.{i}.{k}" for i in range(3 - len(removed)) for k in ("key", "value"))
+
+
+def test_saved_plan_is_reused_without_attribution(grasp_artifact, tiny_llama_dir, tmp_path):
+    out, report = grasp_artifact
+    again = api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "again", plan=out / "plan")
+    assert "attribute" not in again["timings_s"] and "calibrate" not in again["timings_s"]
+    assert again["compression"]["plan_hash"] == report["compression"]["plan_hash"]
+    assert again["verification"]["passed"]
+
+
+def test_plan_for_another_model_is_refused(grasp_artifact, tiny_qwen2_dir, tmp_path):
+    out, _ = grasp_artifact
+    with pytest.raises(EdgeCompressError, match="plan was made for model weights"):
+        api.build(str(tiny_qwen2_dir), "cpu-x86", tmp_path / "wrong", plan=out / "plan")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2])
+def test_ratio_outside_the_open_interval(tiny_llama_dir, tmp_path, ratio):
+    with pytest.raises(EdgeCompressError, match="ratio"):
+        api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "out", ratio=ratio)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_ratio(tiny_llama_dir, calibration_file, tmp_path):
+    with pytest.raises(EdgeCompressError, match="out of reach"):
+        api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "out", ratio=0.95, method="shortgpt",
+                  calibration=calibration_file, **CALIB)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_shorter_than_one_sequence(tiny_llama_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("the sky is blue")
+    with pytest.raises(EdgeCompressError):
+        api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "out", ratio=0.2, calibration=str(short), **CALIB)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method(tiny_llama_dir, tmp_path):
+    with pytest.raises(EdgeCompressError, match="unknown method"):
+        api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "out", ratio=0.2, method="magic")
+
+
+def test_compressed_build_reports_its_perplexity(grasp_artifact):
+    _, report = grasp_artifact
+    evaluation = report["evaluation"]
+    assert evaluation["windows"] == 40 and evaluation["settings"]["seq_len"] == 512
+    assert evaluation["perplexity"] > 1.0 and "evaluate" in report["timings_s"]
+
+
+def test_dense_build_skips_evaluation_unless_asked(tiny_llama_artifact):
+    _, report = tiny_llama_artifact
+    assert report["evaluation"] is None and "evaluate" not in report["timings_s"]
