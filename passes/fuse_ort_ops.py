@@ -1,0 +1,104 @@
+"""Rewrite the exported graph to onnxruntime's fused contrib ops with onnxscript's ORT fusion rules.
+
+`onnxscript.rewriter.ort_fusions.optimize_for_ort` (0.7.2) runs its transformer fusions (RMSNorm,
+skip-RMSNorm, rotary, SDPA → MHA/GQA, GELU) and returns rule counts. Rule counts overstate what
+is left: intermediate fusions that no later rule consumes are inlined back (rotary matches, but
+becomes com.microsoft RotaryEmbedding only with the cos/sin-cache fusion). So the stats count the
+fused ops actually in the graph afterwards, and `missing` says which expected fusions are absent.
+
+Before it, one rule of ours drops the exporter's NaN guard behind every attention softmax,
+Where(IsNaN(p), 0, p): the mask adds finfo.min, not -inf, so p is never NaN and the guard is an
+exact no-op that only hides the attention pattern. Run after QuantizeWeightsPass: fusion turns
+MatMul(x, Transpose(W)) into FusedMatMul, which the quantizer does not read.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import onnx_ir as ir
+
+# Expected fusion -> (fused op types that show it happened, why it may be absent).
+EXPECTED = {
+    "RMSNorm": (("SimplifiedLayerNormalization",), "no x·rsqrt(mean(x²)+eps)·w pattern matched"),
+    "SkipRMSNorm": (("SkipSimplifiedLayerNormalization",), "no residual Add feeding an RMSNorm matched"),
+    "RotaryEmbedding": (
+        ("RotaryEmbedding",),
+        "the rotary pattern matches, but the cos/sin-cache fusion does not (the export computes cos/sin"
+        " once from position_ids for all layers), so the intermediate op is inlined back",
+    ),
+    "GQA": (
+        ("GroupQueryAttention", "MultiHeadAttention", "Attention"),
+        "the SDPA rule's shape check fails: the export names the key and value total-length dims with"
+        " different symbolic sums (e.g. s15+s70 vs s70+s89), so no MHA/GQA rule sees an attention",
+    ),
+    "MatMul+Add": (
+        (),
+        "no rule in onnxscript's ORT fusions; onnxruntime's session optimizer fuses 2-D MatMul+Add itself,"
+        " and llama has no Linear biases",
+    ),
+    "SiLU-mul": ((), "no onnxruntime contrib op or onnxscript rule for x·sigmoid(x)·up on CPU"),
+}
+
+
+@dataclasses.dataclass
+class FuseOrtOpsStats:
+    nan_guards_removed: int = 0
+    rule_counts: dict[str, int] = dataclasses.field(default_factory=dict)  # onnxscript's, nonzero only
+    fused_ops: dict[str, int] = dataclasses.field(default_factory=dict)  # op type -> count added
+    nodes_before: int = 0
+    nodes_after: int = 0
+    missing: dict[str, str] = dataclasses.field(default_factory=dict)  # expected fusion -> reason
+
+
+def _nan_guard_rule():
+    from onnxscript.rewriter import pattern
+
+    def guarded(op, probs):
+        return op.Where(op.IsNaN(probs), 0.0, probs)
+
+    def is_softmax(context, probs, **_):
+        producer = probs.producer()
+        return producer is not None and producer.op_type == "Softmax"
+
+    return pattern.RewriteRule(guarded, lambda op, probs: op.Identity(probs), is_softmax)
+
+
+def _op_counts(graph: ir.Graph) -> collections.Counter:
+    return collections.Counter(node.op_type for node in graph)
+
+
+class FuseOrtOpsPass(ir.passes.InPlacePass):
+    """onnxscript's ORT fusions on the whole graph, with counts of the fused ops they leave."""
+
+    def __init__(self, debug: bool = False):
+        super().__init__()
+        self.debug = debug
+        self.stats = FuseOrtOpsStats()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.rewriter import RewritePass
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        self.stats = FuseOrtOpsStats(nodes_before=len(model.graph))
+        before = _op_counts(model.graph)
+        guards = RewritePass([_nan_guard_rule()])
+        guards(model)
+        self.stats.nan_guards_removed = before["IsNaN"] - _op_counts(model.graph)["IsNaN"]
+        fused, rule_counts = optimize_for_ort(model, debug=self.debug)
+        if fused is not model:  # 0.7.2 works in place; keep the pass honest if that changes
+            raise RuntimeError("optimize_for_ort returned a new model; FuseOrtOpsPass expects in-place")
+        after = _op_counts(model.graph)
+        self.stats.rule_counts = {name: count for name, count in rule_counts.items() if count}
+        fused_types = {node.op_type for node in model.graph if node.domain == "com.microsoft"}
+        fused_types.add("SimplifiedLayerNormalization")  # an ONNX-domain op onnxruntime runs fused
+        self.stats.fused_ops = {
+            op: after[op] - before.get(op, 0) for op in sorted(fused_types) if after[op] > before.get(op, 0)
+        }
+        self.stats.nodes_after = len(model.graph)
+        for fusion, (ops, reason) in EXPECTED.items():
+            if not any(after[op] > before.get(op, 0) for op in ops):
+                self.stats.missing[fusion] = reason
+        modified = self.stats.nodes_after != self.stats.nodes_before or bool(self.stats.fused_ops)
+        return ir.passes.PassResult(model, modified=modified)
