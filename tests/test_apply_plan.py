@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from edgecompress.apply_plan import LowRankLinear, apply_plan
 from edgecompress.attribution.svd import weight_basis
@@ -16,27 +15,14 @@ from edgecompress.plan import CompressionPlan, LayerPlan, LinearPlan, model_weig
 
 torch.set_num_threads(1)
 
+from functools import partial
 
-def tiny_llama(layers=5, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+from tests import tiny_models
+
+tiny_llama = partial(tiny_models.tiny_llama, layers=5)
+tiny_qwen2 = partial(tiny_models.tiny_qwen2, biased=("q_proj",))
 
 
-def tiny_qwen2(layers=3, seed=0):
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.bias.normal_(0, 0.5)
-    return model
 
 
 def calibration():

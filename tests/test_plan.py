@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgecompress.calibrate import CalibrationSet
 from edgecompress.compress import make_plan
@@ -21,18 +20,12 @@ from edgecompress.plan import (
 
 torch.set_num_threads(1)
 
+from tests.tiny_models import tiny_llama
+
 # SmolLM2-135M shape: d=576, d_ff=1536, 3 KV heads of 64, 134,515,045 parameters, 30 layers.
 SMOL_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 SMOL_TOTAL = 134_515_045
 
-
-def tiny_llama(layers=4, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def calibration():

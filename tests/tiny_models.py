@@ -66,3 +66,34 @@ def save_tiny_model(folder: Path, model_type: str = "llama", layers: int = 3, se
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def tiny_llama(layers: int = 4, seed: int = 0, hidden: int = 32, intermediate: int = 64):
+    """A bare random Llama for PyTorch-side tests (attribution, plans): no tokenizer, no folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen2(layers: int = 3, seed: int = 0, biased: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")):
+    """A bare random Qwen2; its q/k/v biases start at zero, so the `biased` ones get random values."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for name in biased:
+                getattr(layer.self_attn, name).bias.normal_(0, 0.5)
+    return model

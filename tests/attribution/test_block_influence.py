@@ -6,21 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgecompress.attribution.block_influence import block_influence, layer_scores
 from edgecompress.attribution.layer_stream import inputs_of_layers, next_token_loss
 
 torch.set_num_threads(1)
 
+from functools import partial
 
-def tiny_llama(layers=5, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+from tests import tiny_models
+
+tiny_llama = partial(tiny_models.tiny_llama, layers=5)
+
 
 
 @pytest.fixture(scope="module")

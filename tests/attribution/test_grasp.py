@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from edgecompress.attribution.block_influence import layer_scores
 from edgecompress.attribution.grasp import accumulated_sigma_gradients, group_scores
@@ -19,28 +18,14 @@ from edgecompress.compress import make_plan
 
 torch.set_num_threads(1)
 
+from functools import partial
 
-def tiny_llama(layers=4, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+from tests import tiny_models
+
+tiny_llama = partial(tiny_models.tiny_llama, layers=4, hidden=48, intermediate=80)
+tiny_qwen2 = tiny_models.tiny_qwen2
 
 
-def tiny_qwen2(layers=3, seed=0):
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # q/k/v biases start at zero: make them matter
-        for layer in model.model.layers:
-            for name in ("q_proj", "k_proj", "v_proj"):
-                getattr(layer.self_attn, name).bias.normal_(0, 0.5)
-    return model
 
 
 def calibration(n=3, length=12, vocab=96, seed=5):

@@ -189,15 +189,19 @@ def make_tiny_torch_model(model_type: str = "llama", tie_word_embeddings: bool =
     return model
 
 
+def _export_tiny(tmp_path_factory, model_type: str):
+    from edgecompress.export import export_onnx
+
+    model = make_tiny_torch_model(model_type)
+    out_dir = tmp_path_factory.mktemp(f"tiny_{model_type}_onnx")
+    export_onnx(model, out_dir)
+    return model, out_dir / "model.onnx"
+
+
 @pytest.fixture(scope="session")
 def exported_llama(tmp_path_factory):
     """(torch model, path to its exported model.onnx): export once, load fresh copies per test."""
-    from edgecompress.export import export_onnx
-
-    model = make_tiny_torch_model("llama")
-    out_dir = tmp_path_factory.mktemp("tiny_llama_onnx")
-    export_onnx(model, out_dir)
-    return model, out_dir / "model.onnx"
+    return _export_tiny(tmp_path_factory, "llama")
 
 
 @pytest.fixture
@@ -301,12 +305,7 @@ def structure():
 @pytest.fixture(scope="session")
 def exported_qwen2(tmp_path_factory):
     """Qwen2 has q/k/v biases: the exporter emits MatMul followed by a bias Add in the Linear's scope."""
-    from edgecompress.export import export_onnx
-
-    model = make_tiny_torch_model("qwen2")
-    out_dir = tmp_path_factory.mktemp("tiny_qwen2_onnx")
-    export_onnx(model, out_dir)
-    return model, out_dir / "model.onnx"
+    return _export_tiny(tmp_path_factory, "qwen2")
 
 
 def svd_factors(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
