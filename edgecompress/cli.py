@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ def _quiet_libraries(verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO)
         return
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion draws its own bar
     for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
                  "torch.export", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
