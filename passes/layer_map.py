@@ -191,17 +191,23 @@ def build_layer_map(graph: ir.Graph) -> LayerMap:
     return LayerMap(layers=layers, linears=linears, unmapped_linears=unmapped)
 
 
-def _constant_weight(value: ir.Value | None) -> tuple[ir.Value, bool] | None:
-    """(initializer, is_transposed_view) when `value` is a weight, possibly via a 2-D Transpose."""
+def constant_weight(value: ir.Value | None) -> tuple[ir.Value, bool] | None:
+    """(initializer, is_transposed_view) when `value` is a 2-D weight, possibly via a 2-D Transpose."""
     if value is None:
         return None
     if value.is_initializer() and value.const_value is not None:
         return value, False
     producer = value.producer()
-    if producer is not None and producer.op_type == "Transpose" and len(producer.inputs) == 1:
+    if producer is not None and producer.op_type == "Transpose" and producer.domain == "" and len(producer.inputs) == 1:
         source = producer.inputs[0]
         perm = producer.attributes.get_ints("perm", None)
-        if source is not None and source.is_initializer() and tuple(perm or (1, 0)) == (1, 0):
+        if (
+            source is not None
+            and source.is_initializer()
+            and source.const_value is not None
+            and len(source.shape) == 2
+            and tuple(perm or (1, 0)) == (1, 0)
+        ):
             return source, True
     return None
 
@@ -209,7 +215,7 @@ def _constant_weight(value: ir.Value | None) -> tuple[ir.Value, bool] | None:
 def _linear_site(module: str, layer: int | None, nodes: list[ir.Node]) -> LinearSite:
     candidates = []
     for node in nodes:
-        weight = _constant_weight(node.inputs[1] if len(node.inputs) > 1 else None)
+        weight = constant_weight(node.inputs[1] if len(node.inputs) > 1 else None)
         if weight is not None and len(weight[0].shape) == 2:
             candidates.append((node, *weight))
     if len(candidates) != 1:

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from edgecompress.passes.layer_map import PassInputError, build_layer_map
+from edgecompress.passes.layer_map import PassInputError, build_layer_map, constant_weight
 from edgecompress.passes.low_rank_split import _add_initializer, _drop_if_unused
 
 MS_DOMAIN = "com.microsoft"
@@ -131,7 +131,7 @@ def find_matmul_sites(graph: ir.Graph) -> tuple[list[MatMulSite], dict[str, int]
         if KEEP_FLOAT_KEY in node.metadata_props:
             skipped[f"kept float: {node.metadata_props[KEEP_FLOAT_KEY]}"] += 1
             continue
-        found = _constant_weight(node.inputs[1])
+        found = constant_weight(node.inputs[1])
         if found is None:
             continue
         weight, transposed_view = found
@@ -142,21 +142,6 @@ def find_matmul_sites(graph: ir.Graph) -> tuple[list[MatMulSite], dict[str, int]
         else:
             sites.append(MatMulSite(node, weight, transposed_view))
     return sites, dict(skipped)
-
-
-def _constant_weight(value: ir.Value | None) -> tuple[ir.Value, bool] | None:
-    if value is None:
-        return None
-    if value.is_initializer() and value.const_value is not None:
-        return value, False
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
-        source = producer.inputs[0]
-        perm = producer.attributes.get_ints("perm", None)
-        if source is not None and source.is_initializer() and source.const_value is not None:
-            if len(source.shape) == 2 and tuple(perm or (1, 0)) == (1, 0):
-                return source, True
-    return None
 
 
 def replace_with_nbits(
