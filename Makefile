@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev
 OUT        ?= out/smollm2-135m-cpu-x86
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-deps bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,16 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/backbone.py
+
+# llama.cpp for the speed comparison only (never a test dependency), built from source with the
+# flags that work on these machines (the native build crashes on them); 5-10 minutes on 2 cores.
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+bench-deps: install
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --no-binary llama-cpp-python llama-cpp-python
+
+bench-speed: bench-deps
+	EC_LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python bench/speed_cpu.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

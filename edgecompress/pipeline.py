@@ -50,9 +50,12 @@ class BuildOptions:
     revision: str | None = None
     trust_remote_code: bool = False
     compress: CompressOptions | None = None
-    # WikiText-2 test windows for the artifact's perplexity in the report; None: 40 for compressed
-    # builds and none for dense ones; 0: never.
+    # WikiText-2 test windows for the artifact's perplexity in the report; None: 40 for compressed or
+    # low-bit builds and none for plain fp32 ones; 0: never.
     eval_limit: int | None = None
+    weights: str | None = None  # fp32 | int8 | int4; None: the target's default
+    block_size: int | None = None  # MatMulNBits block along K; None: the target's default
+    fuse: bool | None = None  # onnxruntime contrib-op fusions; None: the target's default
 
 
 @dataclass
@@ -107,6 +110,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
     source = models.resolve(options.model, options.revision, options.trust_remote_code)
     compression = options.compress
     saved_plan = _check_compress_options(compression) if compression else None
+    formats = _weight_options(options, profile)
 
     with clock.stage("load") as note:
         note(f"{source.spec} ({source.kind})")
@@ -130,7 +134,16 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
         with clock.stage("verify") as note:
             tolerances = verify.Tolerances.from_profile(profile)
             verification = verify.verify(staging, loaded.model, loaded.tokenizer, tolerances, note)
-        evaluation = _evaluate_stage(clock, staging, options)
+        with _fp32_reference(staging, formats) as reference:
+            if reference is not None:
+                export_info["optimize"] = _optimize_stage(clock, staging, formats, source)
+                with clock.stage("verify-optimized") as note:
+                    from edgecompress.verify_optimized import verify_against_reference
+
+                    verification["optimized"] = verify_against_reference(
+                        staging, reference, verify.prompt_ids(loaded.tokenizer), formats["weights"], profile, note
+                    )
+            evaluation = _evaluate_stage(clock, staging, options, reference)
         with clock.stage("write"):
             report = {
                 "edgecompress": __version__,
@@ -138,6 +151,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
                 "source": source.describe(),
                 "model": loaded.info,
                 "target": {k: v for k, v in profile.items() if k != "verify"},
+                "weights": formats,
                 "export": export_info,
                 "compression": _plan_summary(plan) if plan is not None else None,
                 "evaluation": evaluation,
@@ -207,20 +221,95 @@ def _plan_summary(plan) -> dict[str, Any]:
     return data
 
 
-def _evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions) -> dict[str, Any] | None:
-    """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed builds)."""
+def _evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions, reference: Path | None):
+    """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed or
+    low-bit builds), and of the fp32 export beside it when the graph was optimized after export."""
     limit = options.eval_limit
     if limit is None:
-        limit = 40 if options.compress else 0
+        limit = 40 if options.compress or reference is not None else 0
     if limit <= 0:
         return None
     from edgecompress.runtimes.perplexity import default_data, perplexity
 
     if default_data() is None:
         return {"skipped": "WikiText-2 test split not found (pass --eval-limit 0 or run `edgecompress eval`)"}
+
+    def measure(folder: Path) -> dict[str, Any]:
+        result = perplexity(folder, limit=limit)
+        result.pop("artifact")  # a staging path, meaningless once renamed
+        result.pop("window_nll")
+        return result
+
     with clock.stage("evaluate") as note:
         note(f"WikiText-2 perplexity, {limit} windows of 512 tokens")
-        result = perplexity(staging, limit=limit)
-    result.pop("artifact")  # the staging path, meaningless once renamed
-    result.pop("window_nll")
+        result = measure(staging)
+        if reference is not None:
+            note("the same windows on the fp32 export")
+            fp32 = measure(reference)
+            result["fp32_export"] = {"perplexity": fp32["perplexity"], "seconds": fp32.get("seconds")}
+            result["ratio_to_fp32"] = round(result["perplexity"] / fp32["perplexity"], 5)
     return result
+
+
+def _weight_options(options: BuildOptions, profile: dict[str, Any]) -> dict[str, Any]:
+    """Weight format, block size and fusion from the options or the target's defaults; refused early."""
+    from edgecompress.passes.quantize_weights import check_format
+    from edgecompress.weights import WEIGHT_FORMATS
+
+    weights = options.weights or profile.get("weights", "fp32")
+    supported = profile.get("weight_formats", ["fp32"])
+    if weights not in WEIGHT_FORMATS + ("fp16",):
+        raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(WEIGHT_FORMATS + ('fp16',))}")
+    if weights not in supported:
+        raise EdgeCompressError(
+            f"target '{profile['name']}' cannot run {weights} weights; it supports {', '.join(supported)}"
+        )
+    if weights == "fp16":  # listed for GPU profiles; no bundled profile builds it yet
+        raise EdgeCompressError("fp16 weights are not implemented in this version; use fp32, int8 or int4")
+    block_size = int(options.block_size or profile.get("block_size", 32))
+    accuracy_level = profile.get("accuracy_level", 4)
+    if weights != "fp32":
+        check_format(4 if weights == "int4" else 8, block_size, accuracy_level)
+    fuse = profile.get("fuse", False) if options.fuse is None else options.fuse
+    return {"weights": weights, "block_size": block_size, "accuracy_level": accuracy_level, "fuse": bool(fuse)}
+
+
+@contextmanager
+def _fp32_reference(staging: Path, formats: dict[str, Any]) -> Iterator[Path | None]:
+    """A copy of the verified fp32 export beside the staging folder, for as long as the build needs it.
+
+    A real copy, not hard links: onnx-ir refuses external data files with more than one link.
+    """
+    import shutil
+    import tempfile
+
+    if formats["weights"] == "fp32" and not formats["fuse"]:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix=".fp32-", dir=staging.parent))
+    try:
+        for entry in staging.iterdir():
+            if entry.is_file():
+                shutil.copy2(entry, folder / entry.name)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _optimize_stage(clock: StageClock, staging: Path, formats: dict[str, Any], source) -> dict[str, Any]:
+    """Low-bit weights first (GGUF blocks kept exactly where they map), then onnxruntime fusions."""
+    from edgecompress.weights import fuse_artifact, quantize_artifact
+
+    counts: dict[str, Any] = {}
+    with clock.stage("optimize") as note:
+        if formats["weights"] != "fp32":
+            gguf = Path(source.location) / source.gguf_file if source.gguf_file else None
+            note(f"{formats['weights']} weights" + (" (GGUF blocks kept exactly)" if gguf else ""))
+            counts["weights"] = quantize_artifact(
+                staging, formats["weights"], formats["block_size"], source_gguf=gguf,
+                accuracy_level=formats["accuracy_level"],
+            )
+        if formats["fuse"]:
+            note("onnxruntime fusions")
+            counts["fusion"] = fuse_artifact(staging)
+    return counts

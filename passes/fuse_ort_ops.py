@@ -30,8 +30,8 @@ EXPECTED = {
     ),
     "GQA": (
         ("GroupQueryAttention", "MultiHeadAttention", "Attention"),
-        "the SDPA rule's shape check fails: the export names the key and value total-length dims with"
-        " different symbolic sums (e.g. s15+s70 vs s70+s89), so no MHA/GQA rule sees an attention",
+        "the SDPA → MHA/GQA rules did not match the attention: they need the key and value caches to"
+        " share one symbolic past length (the export names one Dim for all of them)",
     ),
     "MatMul+Add": (
         (),

@@ -1,0 +1,163 @@
+"""Rewrite MultiHeadAttention over an expanded KV cache into onnxruntime's GroupQueryAttention.
+
+After FuseOrtOpsPass a llama-style GQA layer still reads its cache the PyTorch way:
+
+    present.i.key = Concat(past_key_values.i.key, k_new)          # [B, kv_heads, T, D], a graph output
+    key = Reshape(Transpose(Reshape(Expand(Unsqueeze(present.i.key)))))  # repeated to all heads, BSH
+    out = MultiHeadAttention(query, key, value, attention_bias=mask)
+
+so every decode step copies the whole cache, repeated num_heads/kv_heads times, into a new buffer.
+GroupQueryAttention takes the new tokens' key/value in BSH and the past in BNSH, shares each KV head
+between its query heads itself and returns the present cache. The rewrite feeds it k_new/v_new
+(transposed to BSH), the graph's past inputs, and the same additive mask (padding and causality stay
+exactly what the export computed; rotary stays outside, applied by the export from position_ids, so
+left-padded batches keep their per-row positions). seqlens_k is total length − 1 for every row:
+padded keys are masked by the bias, not cut by length. The old Concat/Expand chain becomes dead and
+is removed.
+
+Limitation (onnxruntime's kernel, reported in the stats): a batch of more than one row cannot feed
+several new tokens over a non-empty cache in one call; prefill of a batch and batched one-token decode
+work, as does a multi-token continuation of a single row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from edgecompress.passes.low_rank_split import _add_initializer
+
+_CHAIN = ("Reshape", "Transpose", "Reshape", "Expand", "Unsqueeze")
+
+
+@dataclasses.dataclass
+class FuseGroupQueryAttentionStats:
+    fused: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+    limitations: list[str] = dataclasses.field(default_factory=list)
+
+
+def _cache_concat(value: ir.Value | None) -> ir.Node | None:
+    """The Concat(past, new) behind an MHA key/value input, if it is the exporter's repeat chain."""
+    for op_type in _CHAIN:
+        node = value.producer() if value is not None else None
+        if node is None or node.op_type != op_type:
+            return None
+        value = node.inputs[0]
+    concat = value.producer() if value is not None else None
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
+        return None
+    past = concat.inputs[0]
+    if past is None or not past.is_graph_input() or not concat.outputs[0].is_graph_output():
+        return None
+    return concat
+
+
+def _bsh(graph: ir.Graph, before: ir.Node, bnsh: ir.Value, shape: ir.Value, name: str) -> ir.Value:
+    transpose = ir.node("Transpose", [bnsh], attributes={"perm": [0, 2, 1, 3]}, name=f"{name}_bsnh")
+    reshape = ir.node("Reshape", [transpose.outputs[0], shape], name=f"{name}_bsh")
+    graph.insert_before(before, [transpose, reshape])
+    return reshape.outputs[0]
+
+
+class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
+    """MultiHeadAttention + repeated KV cache → com.microsoft GroupQueryAttention, layer by layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = FuseGroupQueryAttentionStats()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.stats = FuseGroupQueryAttentionStats()
+        attentions = [node for node in graph if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"]
+        mask_input = next((value for value in graph.inputs if value.name == "attention_mask"), None)
+        if not attentions or mask_input is None:
+            if attentions:
+                self.stats.skipped["no attention_mask input"] = len(attentions)
+            return ir.passes.PassResult(model, modified=False)
+        lengths = None
+        for mha in attentions:
+            reason = self._rewrite(graph, mha, mask_input, lengths)
+            if isinstance(reason, str):
+                self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
+            else:
+                lengths = reason
+                self.stats.fused += 1
+        if self.stats.fused:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+            self.stats.limitations.append(
+                "onnxruntime's GroupQueryAttention refuses batch > 1 with several new tokens over a non-empty cache"
+            )
+        return ir.passes.PassResult(model, modified=self.stats.fused > 0)
+
+    def _rewrite(self, graph: ir.Graph, mha: ir.Node, mask_input: ir.Value, lengths):
+        inputs = list(mha.inputs) + [None] * (8 - len(mha.inputs))
+        query, key, value, bias, padding, attention_bias, past_k, past_v = inputs[:8]
+        if bias is not None or padding is not None or past_k is not None or past_v is not None:
+            return "MultiHeadAttention with a projection bias, padding mask or its own past"
+        if mha.attributes.get_int("unidirectional", 0):
+            return "unidirectional MultiHeadAttention"
+        key_concat, value_concat = _cache_concat(key), _cache_concat(value)
+        if key_concat is None or value_concat is None:
+            return "key/value are not the exporter's repeated KV cache"
+        new_key = key_concat.inputs[1]
+        kv_heads = new_key.shape[1] if new_key.shape is not None else None
+        heads = mha.attributes.get_int("num_heads")
+        if not isinstance(kv_heads, int) or heads % kv_heads:
+            return "KV head count unknown or not a divisor of the query heads"
+        if lengths is None:
+            lengths = self._lengths(graph, mha, mask_input)
+        seqlens_k, total, bsh_shape = lengths
+        name = mha.name or "gqa"
+        attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}
+        scale = mha.attributes.get("scale")
+        if scale is not None:
+            attributes["scale"] = scale.as_float()
+        gqa_inputs = [
+            query,
+            _bsh(graph, mha, new_key, bsh_shape, f"{name}_key"),
+            _bsh(graph, mha, value_concat.inputs[1], bsh_shape, f"{name}_value"),
+            key_concat.inputs[0],
+            value_concat.inputs[0],
+            seqlens_k,
+            total,
+            None,  # cos_cache
+            None,  # sin_cache
+            None,  # position_ids
+            attention_bias,
+        ]
+        gqa = ir.node(
+            "GroupQueryAttention", gqa_inputs, attributes=attributes, domain="com.microsoft", num_outputs=3,
+            name=f"{name}_gqa", metadata_props=dict(mha.metadata_props),
+        )
+        graph.insert_before(mha, gqa)
+        mha.outputs[0].replace_all_uses_with(gqa.outputs[0], replace_graph_outputs=True)
+        for concat, present in ((key_concat, gqa.outputs[1]), (value_concat, gqa.outputs[2])):
+            old = concat.outputs[0]
+            present.shape, present.type = old.shape, old.type
+            index = list(graph.outputs).index(old)
+            output_name = old.name
+            old.name = f"{output_name}_unfused"
+            present.name = output_name
+            graph.outputs[index] = present
+        gqa.outputs[0].shape, gqa.outputs[0].type = mha.outputs[0].shape, mha.outputs[0].type
+        return lengths
+
+    def _lengths(self, graph: ir.Graph, before: ir.Node, mask_input: ir.Value):
+        """seqlens_k [B] int32 (= T − 1 per row), total_sequence_length int32 scalar, and [0, 0, -1]."""
+        shape = ir.node("Shape", [mask_input], name="gqa_mask_shape")
+        batch = ir.node("Shape", [mask_input], attributes={"start": 0, "end": 1}, name="gqa_batch")
+        total64 = ir.node("Gather", [shape.outputs[0], _add_initializer(graph, "gqa_one_index", np.array(1, np.int64))],
+                          attributes={"axis": 0}, name="gqa_total64")
+        total = ir.node("Cast", [total64.outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa_total")
+        minus_one = ir.node("Sub", [total.outputs[0], _add_initializer(graph, "gqa_one_i32", np.array(1, np.int32))],
+                            name="gqa_total_minus_one")
+        seqlens = ir.node("Expand", [minus_one.outputs[0], batch.outputs[0]], name="gqa_seqlens_k")
+        nodes = [shape, batch, total64, total, minus_one, seqlens]
+        graph.insert_before(before, nodes)
+        bsh_shape = _add_initializer(graph, "gqa_bsh_shape", np.array([0, 0, -1], np.int64))
+        return seqlens.outputs[0], total.outputs[0], bsh_shape

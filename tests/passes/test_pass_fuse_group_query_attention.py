@@ -1,0 +1,78 @@
+"""FuseGroupQueryAttentionPass: MultiHeadAttention over the repeated KV cache → GroupQueryAttention."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecompress.passes.fuse_group_query_attention import FuseGroupQueryAttentionPass
+from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
+
+LAYERS = 3
+
+
+def _ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph)
+
+
+def _mha_model(path) -> ir.Model:
+    model = ir.load(path)
+    FuseOrtOpsPass()(model)
+    return model
+
+
+def test_attention_reads_the_cache_once_per_kv_head(exported_llama, decoder_parity):
+    model = _mha_model(exported_llama[1])
+    before = _ops(model)
+    assert before["MultiHeadAttention"] == LAYERS and before["Expand"] >= 2 * LAYERS
+
+    fuse = FuseGroupQueryAttentionPass()
+    assert fuse(model).modified
+
+    after = _ops(model)
+    assert fuse.stats.fused == LAYERS and not fuse.stats.skipped
+    assert after["GroupQueryAttention"] == LAYERS and after["MultiHeadAttention"] == 0
+    # The repeat_kv copies (one Expand per cache per layer) are gone; one Expand builds seqlens_k.
+    assert after["Expand"] == before["Expand"] - 2 * LAYERS + 1
+    for index in range(LAYERS):  # every present output now comes straight from the fused op
+        for kind, slot in (("key", 1), ("value", 2)):
+            output = next(v for v in model.graph.outputs if v.name == f"present.{index}.{kind}")
+            producer = output.producer()
+            assert producer.op_type == "GroupQueryAttention" and producer.outputs[slot] is output
+            assert producer.attributes.get_int("kv_num_heads") == 2 and producer.attributes.get_int("num_heads") == 4
+
+
+def test_outputs_unchanged_with_a_cache_and_with_left_padding(exported_llama, decoder_parity):
+    reference = _mha_model(exported_llama[1])
+    fused = _mha_model(exported_llama[1])
+    FuseGroupQueryAttentionPass()(fused)
+
+    feeds = decoder_parity.feeds(num_layers=LAYERS)  # batch 2, 3 new tokens over 4 cached
+    # onnxruntime's GroupQueryAttention refuses several new tokens over a cache in a batch > 1 (see the
+    # pass's limitations); one row continues a prompt, and a batch of 2 decodes one token each.
+    continuation = {name: value[:1] for name, value in feeds.items()}
+    decode = {name: value[:, -1:] if name in ("input_ids", "position_ids") else value for name, value in feeds.items()}
+    decode["attention_mask"] = feeds["attention_mask"][:, :5]
+    for step in (continuation, decode):
+        decoder_parity.assert_close(decoder_parity.onnx(fused, step), decoder_parity.onnx(reference, step), atol=1e-5)
+
+    prefill = decoder_parity.feeds(num_layers=LAYERS)
+    for name in list(prefill):
+        if name.startswith("past_key_values."):
+            prefill[name] = prefill[name][:, :, :0]
+    prefill["attention_mask"] = np.ones((2, 3), np.int64)
+    prefill["attention_mask"][1, :2] = 0  # row 1 is left-padded: one real token
+    prefill["position_ids"] = np.asarray([[0, 1, 2], [0, 0, 0]], np.int64)
+    got, want = decoder_parity.onnx(fused, prefill), decoder_parity.onnx(reference, prefill)
+    np.testing.assert_allclose(got["logits"][0], want["logits"][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["logits"][1, 2], want["logits"][1, 2], atol=1e-5, rtol=0)
+
+
+def test_unfused_graph_is_left_alone(exported_llama):
+    model = ir.load(exported_llama[1])  # no MultiHeadAttention yet: nothing to rewrite
+    nodes = len(model.graph)
+    fuse = FuseGroupQueryAttentionPass()
+    assert not fuse(model).modified
+    assert fuse.stats.fused == 0 and len(model.graph) == nodes
