@@ -126,7 +126,11 @@ def main() -> None:
         "rows": [],
     }
     if args.resume and (RESULTS / "quality.json").is_file():
-        record["rows"] = json.loads((RESULTS / "quality.json").read_text())["rows"]
+        previous = json.loads((RESULTS / "quality.json").read_text())
+        record["rows"] = previous["rows"]
+        for key in ("dense_full_split", "notes"):  # measured or written by an earlier run
+            if key in previous:
+                record[key] = previous[key]
     done = {(r["method"], r["target_ratio"]) for r in record["rows"]}
     configs = [(m, float(r)) for m, r in (c.split("@") for c in args.order)] if args.order else [
         (m, r) for r in args.ratios for m in args.methods]

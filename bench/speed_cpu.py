@@ -9,7 +9,7 @@ threads, rows interleaved round by round so the shared machine's drift spreads o
 perplexity on the first `--windows` WikiText-2 test windows, scored from each runtime's own logits on
 the very same token ids. Writes bench/results/speed-cpu.json with the machine and its load average.
 
-Usage: python bench/speed_cpu.py [--work DIR] [--threads 2] [--windows 40] [--method grasp-w]
+Usage: python bench/speed_cpu.py [--work DIR] [--threads 2] [--windows 40] [--method grasp-wr]
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--method", default="grasp-w", help="compression method of the 20 %% row")
+    parser.add_argument("--method", default="grasp-wr", help="compression method of the 20 %% row")
     args = parser.parse_args()
 
     import llama_cpp  # fail now, not after the builds: `make bench-deps` builds it from source

@@ -155,12 +155,27 @@ def eval(  # noqa: A001 - the verb is `edgecompress eval`
     seq_len: int = 512,
     batch_size: int = 1,
     threads: int | None = None,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of the artifact OUT on a text file (WikiText-2 test split by default), via onnxruntime."""
+    """Perplexity of the artifact OUT on a text file (WikiText-2 test split by default), via onnxruntime.
+
+    With `reference` (e.g. the dense artifact), the same windows are scored on it too and the result
+    holds its perplexity and the ratio."""
     from edgecompress.runtimes.perplexity import perplexity
 
     with _runtime_errors():
-        return perplexity(out, data, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
+        if reference is not None:  # a wrong reference fails before the long run, not after it
+            from edgecompress.runtimes.artifact_files import artifact_folder
+
+            artifact_folder(reference)
+        result = perplexity(out, data, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
+        if reference is not None:
+            dense = perplexity(reference, data, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
+            if dense["settings"]["data_sha256"] != result["settings"]["data_sha256"] or dense["windows"] != result["windows"]:
+                raise EdgeCompressError("the reference scored different windows (different tokenizer?); no ratio")
+            result["reference"] = {"artifact": dense["artifact"], "perplexity": dense["perplexity"]}
+            result["ratio_to_reference"] = result["perplexity"] / dense["perplexity"]
+    return result
 
 
 def generate(

@@ -129,7 +129,8 @@ def build(
         "e.g. 0.2.", show_default=False,
     ),
     method: str = typer.Option(
-        "grasp", "--method", "-m", help="Compression method: grasp, grasp-w, shortgpt, svd, svd-llm."
+        "grasp", "--method", "-m", help="Compression method: grasp, grasp-w, grasp-wr (grasp-w plus a short "
+        "layer-wise refit of the factors), grasp-wt, grasp-topsigma, shortgpt, svd, svd-llm."
     ),
     plan: Optional[Path] = typer.Option(
         None, "--plan", help="Reuse a saved plan folder (plan.json + factors.safetensors); skips attribution.",
@@ -306,6 +307,10 @@ def eval_artifact(
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per non-overlapping window."),
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per onnxruntime call."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads.", show_default=False),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="Also score this artifact (e.g. the dense build) on the same windows.",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result and its settings as JSON."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
@@ -313,7 +318,8 @@ def eval_artifact(
     """Perplexity of an artifact through onnxruntime (non-overlapping windows, mean next-token NLL)."""
     from edgecompress import api
 
-    result = api.eval(out, data, limit=limit, seq_len=seq_len, batch_size=batch_size, threads=threads)
+    result = api.eval(out, data, limit=limit, seq_len=seq_len, batch_size=batch_size, threads=threads,
+                      reference=reference)
     if as_json:
         out_console.print_json(json.dumps(result))
         return
@@ -325,6 +331,9 @@ def eval_artifact(
     table.add_row("perplexity", f"{result['perplexity']:.4f} (mean NLL {result['mean_nll']:.5f})")
     table.add_row("windows", f"{result['windows']} of {result['windows_available']} × {settings['seq_len']} tokens, "
                   f"{result['tokens_scored']:,} tokens scored")
+    if "reference" in result:
+        table.add_row("reference", f"{result['reference']['perplexity']:.4f} ({result['reference']['artifact']}); "
+                      f"ratio {result['ratio_to_reference']:.4f}")
     table.add_row("data", settings["data"])
     table.add_row("time", f"{result['seconds']['evaluate']:.1f} s ({result['tokens_per_second']:.0f} tokens/s)")
     out_console.print(table)

@@ -5,6 +5,9 @@ Methods (layer choice / what happens to the chosen layers / basis / which singul
 - grasp-topsigma: lowest BI, replace, SVD of W,       largest σ (ablation: no attribution)
 - grasp-w:        lowest BI, replace, whitened W L,   largest whitened σ (SVD-LLM inside GRASP layers)
 - grasp-wt:       lowest BI, replace, whitened W L,   top-k by |σ·G| in the whitened basis
+- grasp-wr:       grasp-w, then a short layer-wise refit of the factors (Adam, calibration data only:
+                  each replaced layer, fed the compressed model's hidden states, learns to reproduce
+                  the dense model's output; see attribution/refit.py). Labelled: it trains factors.
 - shortgpt:       lowest BI, remove
 - svd:            all layers, replace, SVD of W,      largest σ, one rho for all matrices
 - svd-llm:        all layers, replace, whitened W L,  largest whitened σ, one rho for all matrices
@@ -36,6 +39,7 @@ from edgecompress.attribution.layer_stream import (
     decoder_layers,
     inputs_of_layers,
     layer_linears,
+    layer_output,
     layer_prefix,
     run_layers,
     set_submodule,
@@ -64,6 +68,7 @@ class MethodSpec:
     action: str  # "replace" | "remove"
     basis: str = "weight"  # "weight" | "whitened"
     selection: str = "largest"  # "largest" | "attribution"
+    refit: bool = False  # short layer-wise refit of the chosen layers' factors afterwards
 
 
 METHODS = {
@@ -71,12 +76,14 @@ METHODS = {
     "grasp-topsigma": MethodSpec("chosen", "replace", "weight", "largest"),
     "grasp-w": MethodSpec("chosen", "replace", "whitened", "largest"),
     "grasp-wt": MethodSpec("chosen", "replace", "whitened", "attribution"),
+    "grasp-wr": MethodSpec("chosen", "replace", "whitened", "largest", refit=True),
     "shortgpt": MethodSpec("chosen", "remove"),
     "svd": MethodSpec("all", "replace", "weight", "largest"),
     "svd-llm": MethodSpec("all", "replace", "whitened", "largest"),
 }
 LAYER_SELECTIONS = ("bi", "angular")
 SCHEDULES = ("sequential", "joint")
+REFIT_SCOPES = ("layer", "end-to-end")
 WHITENINGS = ("original", "compressed")
 # Keep every layer's calibration input from the scoring pass when it fits in this many bytes
 # (16 x 512 tokens of a 30-layer d=576 model: 0.6 GB); above it, inputs are recomputed.
@@ -252,6 +259,61 @@ def _attribution_layers(model, stream, chosen, spec, rho, builder, options, prog
             set_submodule(model, key, original)
 
 
+def _refit(model, stream, chosen, builder, options, progress) -> dict:
+    """Refit the chosen layers' factors in place of the ones the builder holds (model restored after).
+
+    scope "layer": each replaced layer matches the dense layer's output on the compressed model's
+    hidden states, bottom up (refit_layers). scope "end-to-end": all replaced layers jointly match the
+    dense model's final normed hidden states (refit_end_to_end; better here, ~3x the time).
+    """
+    from edgecompress.attribution.refit import refit_end_to_end, refit_layers
+
+    layers = decoder_layers(model)
+    start = min(chosen)
+    with torch.no_grad():  # targets from the dense model, before any factor is installed
+        inputs = inputs_of_layers(model, stream, chosen)
+        if options["refit_scope"] == "layer":
+            targets = {
+                index: [layer_output(layers[index](h, **kw[index])) for h, kw in zip(inputs[index], stream.layer_kwargs)]
+                for index in chosen
+            }
+        else:
+            start_inputs = inputs[start]
+            finals = [
+                model.model.norm(run_layers(model, h, kw, start, len(layers)))
+                for h, kw in zip(start_inputs, stream.layer_kwargs)
+            ]
+    del inputs
+    installed = {}
+
+    def report_progress(stage, done, total):
+        _report(progress, stage, done, total)
+
+    try:
+        for index in chosen:
+            for record in builder.linears[index]:
+                key = record.module
+                bias = builder.factors.get(f"{key}.bias")
+                installed[key] = install_low_rank(
+                    model, key, builder.factors[f"{key}.A"], builder.factors[f"{key}.B"],
+                    None if bias is None else torch.as_tensor(bias),
+                )
+        steps, lr = options["refit_steps"], options["refit_lr"]
+        if options["refit_scope"] == "layer":
+            report = refit_layers(model, stream, chosen, targets, steps, lr, progress=report_progress)
+            report = {str(index): values for index, values in report.items()}
+        else:
+            report = refit_end_to_end(model, stream, chosen, start_inputs, finals, steps, lr, progress=report_progress)
+        for key in installed:
+            module = model.get_submodule(key)
+            builder.factors[f"{key}.A"] = module.a.weight.detach().cpu().numpy().copy()
+            builder.factors[f"{key}.B"] = module.b.weight.detach().cpu().numpy().copy()
+    finally:
+        for key, original in installed.items():
+            set_submodule(model, key, original)
+    return report
+
+
 def _settings(method, spec, ratio, rho, options, chosen_rho=None) -> dict:
     settings = {
         "method": method,
@@ -286,6 +348,9 @@ def make_plan(
     batch_size: int = 1,
     jitter: float = 1e-6,
     whitening: str = "original",
+    refit_steps: int = 128,  # 8 passes over 16 calibration sequences per replaced layer
+    refit_lr: float = 1e-3,
+    refit_scope: str = "layer",  # or "end-to-end" (grasp-wr only)
 ) -> CompressionPlan:
     """Decide the compression of `model` on `calib` and return the plan (the model is unchanged).
 
@@ -317,6 +382,12 @@ def make_plan(
         "jitter": jitter,
         "whitening": whitening,
     }
+    if METHODS[method].refit:
+        if refit_scope not in REFIT_SCOPES or refit_steps < 1 or not refit_lr > 0:
+            raise EdgeCompressError(
+                f"refit needs refit_scope in {REFIT_SCOPES}, refit_steps >= 1 and refit_lr > 0"
+            )
+        options.update(refit_steps=refit_steps, refit_lr=refit_lr, refit_scope=refit_scope)
     started = time.perf_counter()
     model_hash = model_weights_hash(model)
     original_device = next(model.parameters()).device
@@ -370,6 +441,7 @@ def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> Com
         _largest_sigma_layers(model, stream, chosen, spec, rho, builder, options, progress)
     else:
         _attribution_layers(model, stream, chosen, spec, rho, builder, options, progress)
+    refit_report = _refit(model, stream, chosen, builder, options, progress) if spec.refit else None
     action = "remove" if spec.action == "remove" else "replace"
     layer_plans = [
         LayerPlan(
@@ -382,6 +454,8 @@ def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> Com
     ]
     saved = removed + builder.saved
     plan_scores = {}
+    if refit_report is not None:
+        plan_scores["refit"] = refit_report
     if scores is not None:
         plan_scores["block_influence"] = scores.block_influence
         if options["layer_selection"] == "angular" and spec.layers == "chosen":

@@ -71,3 +71,41 @@ def refit_layers(model, stream, chosen: list[int], dense_outputs: dict, steps: i
         if progress is not None:
             progress(f"refit layer {index}", step_index + 1, len(chosen))
     return report
+
+
+def refit_end_to_end(model, stream, chosen: list[int], start_inputs: list, final_targets: list, steps: int, lr: float,
+                     progress=None) -> dict:
+    """Refit every chosen layer's factors jointly so that the model's final normed hidden states (what
+    the LM head reads) match the dense model's, running from the lowest chosen layer up.
+
+    start_inputs[batch]: the dense hidden state entering layer min(chosen) (layers below are unchanged);
+    final_targets[batch]: the dense model's final normed hidden state.
+    """
+    layers = decoder_layers(model)
+    start = min(chosen)
+    params = [p for index in chosen for p in _factor_parameters(layers[index])]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    n_batches = stream.n_batches
+    scale = [float(t.pow(2).mean()) for t in final_targets]
+
+    def loss_on(batch: int) -> torch.Tensor:
+        hidden = run_layers(model, start_inputs[batch], stream.layer_kwargs[batch], start, len(layers))
+        return (model.model.norm(hidden) - final_targets[batch]).pow(2).mean() / scale[batch]
+
+    with torch.no_grad():
+        before = sum(float(loss_on(b)) for b in range(n_batches)) / n_batches
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss_on(step % n_batches).backward()
+        optimizer.step()
+        if progress is not None:
+            progress("refit", step + 1, steps)
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        after = sum(float(loss_on(b)) for b in range(n_batches)) / n_batches
+    return {"final_hidden_relative_mse_before": round(before, 6), "final_hidden_relative_mse_after": round(after, 6)}

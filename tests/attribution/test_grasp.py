@@ -108,7 +108,7 @@ def test_whitened_basis_reconstructs_and_truncation_error_is_dropped_sigma():
     assert float(error) == pytest.approx(float(basis.sigma[3:].pow(2).sum()), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["grasp", "grasp-w", "svd-llm"])
+@pytest.mark.parametrize("method", ["grasp", "grasp-w", "grasp-wr", "svd-llm"])
 def test_same_inputs_give_same_plan(tmp_path, method):
     calib = calibration()
     first = make_plan(tiny_llama(), calib, method, ratio=0.25, rho=0.8)
@@ -174,3 +174,35 @@ def test_error_aware_whitening_differs_and_restores_model():
     o = f"model.layers.{first}.self_attn.o_proj.A"
     assert (original.factors[q] == aware.factors[q]).all()
     assert not (original.factors[o] == aware.factors[o]).all()
+
+
+def test_refit_lowers_each_layers_error_and_only_moves_the_factors():
+    model, calib = tiny_llama(), calibration()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    plain = make_plan(model, calib, "grasp-w", n_layers=2, ratio=None, rho=0.6)
+    refit = make_plan(model, calib, "grasp-wr", n_layers=2, ratio=None, rho=0.6, refit_steps=30, refit_lr=1e-3)
+    assert [type(m) for m in model.modules()] == modules_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad is False for p in model.parameters())
+    assert refit.replaced_layers == plain.replaced_layers
+    assert refit.settings["refit_steps"] == 30 and "refit_steps" not in plain.settings
+    errors = refit.scores["refit"]
+    assert sorted(int(i) for i in errors) == refit.replaced_layers
+    for values in errors.values():
+        assert values["relative_mse_after"] < values["relative_mse_before"]
+    # Same ranks and shapes as the starting point, different values.
+    for key, factor in plain.factors.items():
+        assert refit.factors[key].shape == factor.shape
+    assert any(not (refit.factors[k] == plain.factors[k]).all() for k in plain.factors if k.endswith(".A"))
+
+
+def test_end_to_end_refit_lowers_the_final_hidden_error():
+    model, calib = tiny_llama(), calibration()
+    refit = make_plan(model, calib, "grasp-wr", n_layers=2, ratio=None, rho=0.6, refit_steps=30, refit_lr=1e-3,
+                      refit_scope="end-to-end")
+    errors = refit.scores["refit"]
+    assert errors["final_hidden_relative_mse_after"] < errors["final_hidden_relative_mse_before"]
+    assert refit.settings["refit_scope"] == "end-to-end"
+    with pytest.raises(Exception, match="refit_scope"):
+        make_plan(model, calib, "grasp-wr", n_layers=1, ratio=None, refit_scope="global")

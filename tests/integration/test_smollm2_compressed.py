@@ -44,3 +44,14 @@ def test_grasp_20_percent_int4_fused_smollm2(tmp_path):
     assert abs(evaluation["ratio_to_fp32"] - 1) < 0.1  # int4 on top of the compressed fp32 export
     # fp32 export 538 MB; here the fp32 embedding (113 MB, read one row per token) plus int4 everything else.
     assert (out / "model.onnx.data").stat().st_size < 215e6
+
+    # The fused int4 artifact still drops into onnxruntime-genai: same greedy tokens as our runtime.
+    og = pytest.importorskip("onnxruntime_genai")  # noqa: F841
+    from edgecompress.runtimes.generate import TextGenerator
+    from tests.runtimes.genai_reference import genai_greedy, without_eos
+
+    generator = TextGenerator(out, threads=2)
+    prompt = "The three most important inventions of the twentieth century are"
+    ours = without_eos(generator.generate(prompt, 16, chat=True).tokens, generator.eos_ids)
+    theirs, _ = genai_greedy(out, generator.encode(prompt, chat=True), 16)
+    assert ours == theirs and len(ours) >= 4

@@ -101,3 +101,27 @@ def test_cli_eval_prints_json(tiny_llama_artifact, tiny_text):
     printed = json.loads(result.stdout)
     assert printed["windows"] == 3 and printed["perplexity"] > 1
     assert (folder / "report.json").read_bytes() == report_before  # eval prints; it never edits the artifact
+
+
+@pytest.fixture(scope="module")
+def other_artifact(tiny_qwen2_dir, tmp_path_factory):
+    """A different model with the same tokenizer: a reference whose perplexity differs."""
+    out = tmp_path_factory.mktemp("reference") / "tiny-qwen2"
+    api.build(str(tiny_qwen2_dir), "cpu-x86", out)
+    return out
+
+
+def test_reference_is_scored_on_the_same_windows(tiny_llama_artifact, other_artifact, tiny_text):
+    folder, _ = tiny_llama_artifact
+    same = api.eval(folder, tiny_text, limit=3, seq_len=16, reference=folder)
+    assert same["ratio_to_reference"] == pytest.approx(1.0) and same["reference"]["perplexity"] == same["perplexity"]
+    other = api.eval(folder, tiny_text, limit=3, seq_len=16, reference=other_artifact)
+    expected = perplexity(other_artifact, tiny_text, seq_len=16, limit=3)["perplexity"]
+    assert other["reference"]["perplexity"] == pytest.approx(expected)
+    assert other["ratio_to_reference"] == pytest.approx(other["perplexity"] / expected)
+
+
+def test_missing_reference_fails_before_scoring(tiny_llama_artifact, tiny_text, tmp_path):
+    folder, _ = tiny_llama_artifact
+    with pytest.raises(EdgeCompressError, match="not an artifact folder"):
+        api.eval(folder, tiny_text, limit=2, seq_len=16, reference=tmp_path / "missing")
