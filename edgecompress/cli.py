@@ -130,7 +130,8 @@ def build(
     ),
     method: str = typer.Option(
         "grasp", "--method", "-m", help="Compression method: grasp, grasp-w, grasp-wr (grasp-w plus a short "
-        "layer-wise refit of the factors), grasp-wt, grasp-topsigma, shortgpt, svd, svd-llm."
+        "layer-wise refit of the factors), grasp-wre (end-to-end refit, slower), grasp-wt, grasp-topsigma, "
+        "shortgpt, svd, svd-llm."
     ),
     plan: Optional[Path] = typer.Option(
         None, "--plan", help="Reuse a saved plan folder (plan.json + factors.safetensors); skips attribution.",

@@ -15,6 +15,7 @@ from edgecompress.attribution.svd import largest_sigma, weight_basis
 from edgecompress.attribution.svd_llm import whitened_basis
 from edgecompress.calibrate import CalibrationSet
 from edgecompress.compress import make_plan
+from edgecompress.errors import EdgeCompressError
 
 torch.set_num_threads(1)
 
@@ -199,10 +200,9 @@ def test_refit_lowers_each_layers_error_and_only_moves_the_factors():
 
 def test_end_to_end_refit_lowers_the_final_hidden_error():
     model, calib = tiny_llama(), calibration()
-    refit = make_plan(model, calib, "grasp-wr", n_layers=2, ratio=None, rho=0.6, refit_steps=30, refit_lr=1e-3,
-                      refit_scope="end-to-end")
+    refit = make_plan(model, calib, "grasp-wre", n_layers=2, ratio=None, rho=0.6, refit_steps=30, refit_lr=1e-3)
     errors = refit.scores["refit"]
     assert errors["final_hidden_relative_mse_after"] < errors["final_hidden_relative_mse_before"]
-    assert refit.settings["refit_scope"] == "end-to-end"
-    with pytest.raises(Exception, match="refit_scope"):
-        make_plan(model, calib, "grasp-wr", n_layers=1, ratio=None, refit_scope="global")
+    assert refit.settings["refit_steps"] == 30
+    with pytest.raises(EdgeCompressError, match="refit_steps"):
+        make_plan(model, calib, "grasp-wre", n_layers=1, ratio=None, refit_steps=0)
