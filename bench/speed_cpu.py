@@ -205,7 +205,21 @@ def main() -> None:
     record["machine"]["load_average_at_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {RESULTS}")
+    RESULTS.with_suffix(".md").write_text(markdown_table(record))
+    print(f"wrote {RESULTS} and its table")
+
+
+def markdown_table(record: dict) -> str:
+    lines = ["| artifact | weights MB | prefill 512 (median) | decode after 512 (median) | WikiText-2 ppl (40 windows) "
+             "| vs llama.cpp: prefill / decode speed, ppl |", "| --- | --- | --- | --- | --- | --- |"]
+    ratios = record.get("ratios_vs_llama_cpp", {})
+    for name, row in record["rows"].items():
+        versus = ratios.get(name)
+        cell = (f"{versus['prefill_512']:.2f}x / {versus['decode_1_after_512']:.2f}x, {versus['perplexity']:.4f}x"
+                if versus else "reference")
+        lines.append(f"| {name} | {row['weights_bytes'] / 1e6:.0f} | {row['prefill_512']['median_ms']:.0f} ms "
+                     f"| {row['decode_1_after_512']['median_ms']:.1f} ms | {row['perplexity']:.2f} | {cell} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def test_grasp_20_percent_int4_fused_smollm2(tmp_path):
 
     generator = TextGenerator(out, threads=2)
     prompt = "The three most important inventions of the twentieth century are"
-    ours = without_eos(generator.generate(prompt, 16, chat=True).tokens, generator.eos_ids)
-    theirs, _ = genai_greedy(out, generator.encode(prompt, chat=True), 16)
-    assert ours == theirs and len(ours) >= 4
+    # Plain continuation: with the chat template this compressed 135M model answers with eos at once.
+    ours = without_eos(generator.generate(prompt, 16, chat=False).tokens, generator.eos_ids)
+    theirs, _ = genai_greedy(out, generator.encode(prompt, chat=False), 16)
+    assert ours == theirs and len(ours) == 16
