@@ -159,7 +159,7 @@ def build(
     ),
     fuse: Optional[bool] = typer.Option(
         None, "--fuse/--no-fuse", help="onnxruntime contrib-op fusions (RMSNorm, attention, ...). "
-        "Default: the target's.", show_default=False,
+        "Default: the target's (cpu-x86: on for int8/int4 weights).", show_default=False,
     ),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,

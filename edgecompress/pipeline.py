@@ -143,7 +143,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
                     verification["optimized"] = verify_against_reference(
                         staging, reference, verify.prompt_ids(loaded.tokenizer), formats["weights"], profile, note
                     )
-            evaluation = _evaluate_stage(clock, staging, options, reference)
+            evaluation = _evaluate_stage(clock, staging, options, reference, formats["weights"] != "fp32")
         with clock.stage("write"):
             report = {
                 "edgecompress": __version__,
@@ -221,12 +221,12 @@ def _plan_summary(plan) -> dict[str, Any]:
     return data
 
 
-def _evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions, reference: Path | None):
+def _evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions, reference: Path | None, low_bit: bool):
     """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed or
     low-bit builds), and of the fp32 export beside it when the graph was optimized after export."""
     limit = options.eval_limit
     if limit is None:
-        limit = 40 if options.compress or reference is not None else 0
+        limit = 40 if options.compress or low_bit else 0
     if limit <= 0:
         return None
     from edgecompress.runtimes.perplexity import default_data, perplexity
@@ -270,8 +270,13 @@ def _weight_options(options: BuildOptions, profile: dict[str, Any]) -> dict[str,
     accuracy_level = profile.get("accuracy_level", 4)
     if weights != "fp32":
         check_format(4 if weights == "int4" else 8, block_size, accuracy_level)
-    fuse = profile.get("fuse", False) if options.fuse is None else options.fuse
-    return {"weights": weights, "block_size": block_size, "accuracy_level": accuracy_level, "fuse": bool(fuse)}
+    fuse = options.fuse
+    if fuse is None:  # the target's default: true, false, or "low-bit" (fused whenever weights are int8/int4)
+        default = profile.get("fuse", "low-bit")
+        fuse = weights != "fp32" if default == "low-bit" else default
+    if not isinstance(fuse, bool):
+        raise EdgeCompressError(f"target '{profile['name']}' has fuse = {fuse!r}; use true, false or \"low-bit\"")
+    return {"weights": weights, "block_size": block_size, "accuracy_level": accuracy_level, "fuse": fuse}
 
 
 @contextmanager

@@ -91,3 +91,11 @@ def test_int4_on_a_target_without_it_is_refused(tiny_llama_dir, tmp_path):
     result = run_cli("build", str(tiny_llama_dir), "-t", str(target), "-o", str(tmp_path / "out"), "--weights", "int4")
     assert_one_line_error(result, "target 'fp32-only' cannot run int4 weights; it supports fp32")
     assert not (tmp_path / "out").exists()
+
+
+def test_low_bit_weights_are_fused_by_default_on_cpu_x86(tiny_llama_dir, tmp_path):
+    report = api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "int8", weights="int8", eval_limit=0)
+    assert report["weights"]["fuse"] is True
+    assert _ops(tmp_path / "int8")[("com.microsoft", "GroupQueryAttention")] == 3
+    plain = api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "plain", weights="int8", fuse=False, eval_limit=0)
+    assert plain["weights"]["fuse"] is False and "fusion" not in plain["export"]["optimize"]
