@@ -61,9 +61,11 @@ def _onnx_checker(model_file: Path) -> dict[str, Any]:
     proto = onnx.load(str(model_file), load_external_data=False)
     # onnxruntime's fused SimplifiedLayerNormalization lives in the ai.onnx domain but only onnxruntime
     # defines it, so onnx.checker rejects any graph that has it; the fp32 export was checked before.
-    ort_only = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")} & {"SimplifiedLayerNormalization"})
+    default_domain = {node.op_type for node in proto.graph.node if node.domain in ("", "ai.onnx")}
+    ort_only = sorted(default_domain & {"SimplifiedLayerNormalization"})
     if ort_only:
-        return {"check": "onnx.checker", "skipped": f"onnxruntime-only ops in the ai.onnx domain: {', '.join(ort_only)}", "passed": True}
+        reason = f"onnxruntime-only ops in the ai.onnx domain: {', '.join(ort_only)}"
+        return {"check": "onnx.checker", "skipped": reason, "passed": True}
     try:
         onnx.checker.check_model(str(model_file))
     except Exception as exc:
@@ -133,7 +135,9 @@ def verify_against_reference(
     checks.append(compare("padded batch prefill logits (2 rows)", our_b[:, pad:], ref_b[:, pad:]))
 
     agree = next((i for i, (a, b) in enumerate(zip(our_tokens, ref_tokens)) if a != b), len(ref_tokens))
-    greedy = {"reference": ref_tokens, "optimized": our_tokens, "identical": our_tokens == ref_tokens, "first_difference": agree}
+    greedy = {
+        "reference": ref_tokens, "optimized": our_tokens, "identical": our_tokens == ref_tokens, "first_difference": agree,
+    }
     if exact:
         checks.append({"check": f"greedy {tol.greedy_tokens} tokens identical", "passed": our_tokens == ref_tokens})
     report = {
@@ -146,9 +150,11 @@ def verify_against_reference(
     }
     if not report["passed"]:
         failed = next(check for check in checks if not check["passed"])
+        detail = ""
         if "bounds" in failed:
-            detail = f" (mean KL {failed['mean_kl']:.3g}, top-1 agreement {failed['top1_agreement']:.2f}; bounds {failed['bounds']})"
-        else:
-            detail = f" (max |diff| {failed['max_abs_diff']:.3g} > {failed['bound']:.3g})" if "bound" in failed else ""
+            detail = (f" (mean KL {failed['mean_kl']:.3g}, top-1 agreement {failed['top1_agreement']:.2f};"
+                      f" bounds {failed['bounds']})")
+        elif "bound" in failed:
+            detail = f" (max |diff| {failed['max_abs_diff']:.3g} > {failed['bound']:.3g})"
         raise VerificationError(f"optimized artifact failed verification: {failed['check']}{detail}", report)
     return report
