@@ -82,6 +82,18 @@ class TorchReference:
         return tokens
 
 
+def left_padded_batch(ids: list[int]) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Two rows of a prefill: `ids`, and `ids` with its first tokens replaced by left padding (mask 0,
+    positions restarting at 0 after the pad). Returns the pad length and (input_ids, mask, positions)."""
+    n = len(ids)
+    pad = min(3, max(1, n - 1))
+    batch_ids = np.asarray([ids, [0] * pad + ids[pad:]], np.int64)
+    batch_mask = np.ones_like(batch_ids)
+    batch_mask[1, :pad] = 0
+    batch_pos = np.stack([np.arange(n), np.concatenate([np.zeros(pad), np.arange(n - pad)])]).astype(np.int64)
+    return pad, (batch_ids, batch_mask, batch_pos)
+
+
 def _compare(name: str, ours: np.ndarray, ref: np.ndarray, tol: Tolerances) -> dict[str, Any]:
     diff = float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64))))
     bound = tol.atol + tol.rtol * float(np.max(np.abs(ref)))
@@ -147,11 +159,7 @@ def verify(artifact_dir: Path, model: Any, tokenizer: Any, tol: Tolerances, prog
     report["checks"].append(_compare(f"decode logits (1 token, {n} past)", ort_step, ref_step, tol))
 
     # Batched, left-padded prefill: exercises the attention mask and per-row position ids.
-    pad = min(3, max(1, n - 1))
-    batch_ids = np.asarray([prompt, [0] * pad + prompt[pad:]], np.int64)
-    batch_mask = np.ones_like(batch_ids)
-    batch_mask[1, :pad] = 0
-    batch_pos = np.stack([np.arange(n), np.concatenate([np.zeros(pad), np.arange(n - pad)])]).astype(np.int64)
+    pad, (batch_ids, batch_mask, batch_pos) = left_padded_batch(prompt)
     ort_b, _ = decoder.forward(batch_ids, batch_mask, batch_pos, decoder.empty_cache(2))
     ref_b, _ = torch_ref.forward(batch_ids, batch_mask, batch_pos, decoder.empty_cache(2))
     report["checks"].append(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgecompress.errors import VerificationError
-from edgecompress.verify import Tolerances, _compare
+from edgecompress.verify import Tolerances, _compare, left_padded_batch
 
 # Defaults when a profile has no [verify.<format>] section; measured on smollm2-135m (see README).
 DEFAULT_BOUNDS = {"int8": (0.02, 0.9), "int4": (0.2, 0.7)}
@@ -125,11 +125,7 @@ def verify_against_reference(
     our_step, _ = ours.forward(next_id, step_mask, step_pos, ref_past)
     checks.append(compare(f"decode logits (1 token, {n} past)", our_step[0], ref_step[0]))
 
-    pad = min(3, max(1, n - 1))
-    batch_ids = np.asarray([text, [0] * pad + text[pad:]], np.int64)
-    batch_mask = np.ones_like(batch_ids)
-    batch_mask[1, :pad] = 0
-    batch_pos = np.stack([np.arange(n), np.concatenate([np.zeros(pad), np.arange(n - pad)])]).astype(np.int64)
+    pad, (batch_ids, batch_mask, batch_pos) = left_padded_batch(text)
     ref_b, _ = ref.forward(batch_ids, batch_mask, batch_pos, ref.empty_cache(2))
     our_b, _ = ours.forward(batch_ids, batch_mask, batch_pos, ours.empty_cache(2))
     checks.append(compare("padded batch prefill logits (2 rows)", our_b[:, pad:], ref_b[:, pad:]))
