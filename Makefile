@@ -8,11 +8,21 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev
 OUT        ?= out/smollm2-135m-cpu-x86
 
-.PHONY: install demo test test-fast bench bench-deps bench-speed clean
+# The shared WikiText-2 copy next to the repo on the team's machines (a user's clone has none):
+# exported as EDGECOMPRESS_DATA (absolute) to every recipe, so test, test-fast and bench* read it.
+# A value the caller already set (environment or command line) wins; no folder: left unset.
+ROOT            := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+EC_SHARED_DATA  := $(wildcard $(abspath $(ROOT)/../shared/data/wikitext-2))
+ifneq ($(EC_SHARED_DATA),)
+EDGECOMPRESS_DATA ?= $(EC_SHARED_DATA)
+export EDGECOMPRESS_DATA
+endif
+
+.PHONY: install demo test test-fast wheel-smoke bench bench-deps bench-speed clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
@@ -30,6 +40,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
+
+# The built wheel, installed non-editable in a fresh venv, runs build/generate/inspect (downloads).
+wheel-smoke: install
+	BUILD_PYTHON=$(BIN)/python TORCH_SPEC="$(TORCH_SPEC)" .ci/wheel_smoke.sh
 
 bench: install
 	$(BIN)/python bench/backbone.py
