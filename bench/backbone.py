@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,34 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecompress.report import machine_description
+
 RESULTS = Path(__file__).parent / "results" / "backbone.json"
 MODEL = "smollm2-135m"
 PREFILL, PAST = 512, 512
-
-
-def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import onnxruntime
-    import torch
-
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "memory_gib": round(mem_gb, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "load_average_at_start": os.getloadavg(),
-    }
 
 
 def measure_build(out: Path) -> dict:

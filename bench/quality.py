@@ -4,60 +4,62 @@ Protocol (shared/docs/reference-points.md): smollm2-135m, calibration 16 x 512 t
 of WikiText-2 validation (`wiki.valid.tokens`), perplexity over the first 40 non-overlapping
 512-token windows of `wiki.test.raw`, ratio = fraction of ALL parameters removed.
 
-The dense model is exported and verified once (`edgecompress build`); each (method, ratio) then runs
-attribution in a child process (so its wall time and peak RSS are its own), and the plan is applied to
-a copy of the dense export with the same graph passes a build uses; perplexity is measured on that
-ONNX model through onnxruntime. Writes bench/results/quality.json, quality.md and quality.png.
+The dense model is exported and verified once (`edgecompress build`); each (method, ratio,
+calibration) then runs the build's own plan stage (calibrate + attribute) in a child process (so its
+wall time and peak RSS are its own), and the build's graph stage applies the plan to the dense export
+in memory; perplexity is measured on that ONNX model through onnxruntime. `--calibration self` uses
+text the model generates itself (`edgecompress build --calibration self`). Data: $EDGECOMPRESS_DATA
+(the Makefile points it at the WikiText-2 copy), as in a build. Writes bench/results/quality.json,
+quality.md and quality.png.
 
-Usage: python bench/quality.py [--ratios 0.1 0.2 0.3] [--methods ...] [--limit 40] [--full]
+Usage: python bench/quality.py [--ratios 0.1 0.2 0.3] [--methods ...] [--calibration self] [--limit 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from backbone import machine_description  # noqa: E402
+from edgecompress.report import machine_description
 
+HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODEL = "smollm2-135m"
+DEFAULT_CALIBRATION = "wikitext-2"  # the rows calibrated on wiki.valid.tokens (the reference protocol)
 REFERENCE = {  # shared/docs/reference-points.md, same protocol, independent reimplementations
     "dense": 28.74,
     ("shortgpt", 0.1): 54.3, ("grasp", 0.1): 55.2, ("shortgpt", 0.2): 122.0, ("grasp", 0.2): 120.7,
 }
 
 
-def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_len: int) -> None:
-    """Attribution only: load, calibrate, make the plan, save it; print cost as JSON."""
+def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_len: int,
+          calibration: str | None) -> None:
+    """The build's plan stage only: load, calibrate, attribute, save the plan; print cost as JSON."""
     import warnings
 
     warnings.simplefilter("ignore")
-    from edgecompress import models
-    from edgecompress.calibrate import build_calibration, default_wikitext_dir
-    from edgecompress.compress import make_plan
+    from edgecompress import models, pipeline
+    from edgecompress.options import CompressOptions
 
     loaded = models.load(models.resolve(MODEL))
-    started = time.perf_counter()
-    calib = build_calibration(str(default_wikitext_dir() / "wiki.valid.tokens"), loaded.tokenizer,
-                              calib_sequences, seq_len)
-    plan = make_plan(loaded.model, calib, method, ratio)
-    seconds = time.perf_counter() - started
+    clock = pipeline.StageClock(pipeline.Progress())
+    options = CompressOptions(method=method, ratio=ratio, calibration=calibration, calib_sequences=calib_sequences,
+                              calib_seq_len=seq_len)
+    plan = pipeline.plan_stage(clock, loaded, options, None)
     plan.save(plan_dir)
     print(json.dumps({
-        "compression_seconds": round(seconds, 1),
+        "compression_seconds": round(clock.timings["calibrate"] + clock.timings["attribute"], 1),
+        "calibration_seconds": clock.timings["calibrate"],
         "peak_rss_mb": _peak_rss_mb(),
         "achieved_ratio": plan.params["achieved_ratio"],
+        "calibration_source": plan.calibration["source"],
         "layers": {a: plan.layers_with(a) for a in ("replace", "remove")},
     }))
 
@@ -73,6 +75,8 @@ def _peak_rss_mb() -> float:
 def run_child(method: str, ratio: float, plan_dir: Path, args) -> dict:
     command = [sys.executable, __file__, "--child", method, str(ratio), str(plan_dir),
                "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len)]
+    if args.calibration:
+        command += ["--calibration", args.calibration]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -80,16 +84,18 @@ def run_child(method: str, ratio: float, plan_dir: Path, args) -> dict:
 
 
 def evaluate_plan(dense: Path, plan_dir: Path, work: Path, limit: int | None, seq_len: int) -> dict:
-    from edgecompress import transform
+    """The build's plan passes on the dense export (one load, one save), then perplexity."""
+    from edgecompress import artifact, export, graph_stages
     from edgecompress.plan import CompressionPlan
     from edgecompress.runtimes.perplexity import perplexity
 
     folder = work / "compressed"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(dense / name, folder / name)
-    counts = transform.apply_plan_to_artifact(folder, CompressionPlan.load(plan_dir))
+    model = graph_stages.load_model(dense)
+    counts = graph_stages.run_stage(model, graph_stages.plan_passes(CompressionPlan.load(plan_dir)))
+    export.save_model(model, folder)
+    artifact.copy_sidecar_files(dense, folder)
     result = perplexity(folder, seq_len=seq_len, limit=limit)
     return {"perplexity": result["perplexity"], "passes": counts, "onnx_bytes": (folder / "model.onnx.data").stat().st_size}
 
@@ -102,6 +108,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=40, help="evaluation windows (0 = the whole test split)")
     parser.add_argument("--full", action="store_true", help="also evaluate the dense model on the whole split")
     parser.add_argument("--calib-sequences", type=int, default=16)
+    parser.add_argument("--calibration", help="calibration spec as for `build --calibration` (e.g. self); "
+                        "default: the build's default ($EDGECOMPRESS_DATA's wiki.valid.tokens)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--dense-artifact", type=Path, help="reuse a dense artifact built for cpu-x86")
     parser.add_argument("--order", nargs="+", metavar="METHOD@RATIO",
@@ -110,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         method, ratio, plan_dir = args.child
-        return child(method, float(ratio), Path(plan_dir), args.calib_sequences, args.seq_len)
+        return child(method, float(ratio), Path(plan_dir), args.calib_sequences, args.seq_len, args.calibration)
 
     from edgecompress import api
     from edgecompress.runtimes.perplexity import perplexity
@@ -131,7 +139,8 @@ def main() -> None:
         for key in ("dense_full_split", "notes"):  # measured or written by an earlier run
             if key in previous:
                 record[key] = previous[key]
-    done = {(r["method"], r["target_ratio"]) for r in record["rows"]}
+    calibration = args.calibration or DEFAULT_CALIBRATION
+    done = {(r["method"], r["target_ratio"], r.get("calibration", DEFAULT_CALIBRATION)) for r in record["rows"]}
     configs = [(m, float(r)) for m, r in (c.split("@") for c in args.order)] if args.order else [
         (m, r) for r in args.ratios for m in args.methods]
     with tempfile.TemporaryDirectory(prefix="ec-quality-") as tmp:
@@ -140,7 +149,7 @@ def main() -> None:
         if dense is None:
             dense = work / "dense"
             api.build(MODEL, "cpu-x86", dense)
-        if ("dense", 0.0) not in done:
+        if ("dense", 0.0, DEFAULT_CALIBRATION) not in done:
             dense_ppl = perplexity(dense, seq_len=args.seq_len, limit=limit)
             record["rows"].append({"method": "dense", "target_ratio": 0.0, "achieved_ratio": 0.0,
                                    "perplexity": dense_ppl["perplexity"]})
@@ -149,10 +158,10 @@ def main() -> None:
             full = perplexity(dense, seq_len=args.seq_len, limit=None)
             record["dense_full_split"] = {"perplexity": full["perplexity"], "windows": full.get("windows")}
         for method, ratio in configs:
-            if (method, ratio) in done:
+            if (method, ratio, calibration) in done:
                 continue
             plan_dir = work / f"plan-{method}-{ratio}"
-            row = {"method": method, "target_ratio": ratio, "code": _code_hash(),
+            row = {"method": method, "target_ratio": ratio, "calibration": calibration, "code": _code_hash(),
                    **run_child(method, ratio, plan_dir, args)}
             if "error" not in row:
                 row.update(evaluate_plan(dense, plan_dir, work, limit, args.seq_len))
@@ -177,11 +186,16 @@ def _code_hash() -> str:
 def _write(record: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["| method | target | achieved ratio | WikiText-2 ppl | compression s | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for row in sorted(record["rows"], key=lambda r: (r["target_ratio"], r["method"])):
+    lines = ["| method | target | calibration | achieved ratio | WikiText-2 ppl | compression s | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    def order(row):
+        return row["target_ratio"], row["method"], row.get("calibration", DEFAULT_CALIBRATION)
+
+    for row in sorted(record["rows"], key=order):
         ppl = f"{row['perplexity']:.2f}" if "perplexity" in row else row.get("error", "?")
-        lines.append(f"| {row['method']} | {row['target_ratio']:.0%} | {row.get('achieved_ratio', 0):.4f} | {ppl} | "
+        calibration = row.get("calibration", DEFAULT_CALIBRATION) if row["method"] != "dense" else ""
+        lines.append(f"| {row['method']} | {row['target_ratio']:.0%} | {calibration} | "
+                     f"{row.get('achieved_ratio', 0):.4f} | {ppl} | "
                      f"{row.get('compression_seconds', '')} | {row.get('peak_rss_mb', '')} |")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     _plot(record)
@@ -197,11 +211,14 @@ def _plot(record: dict) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = next(r["perplexity"] for r in record["rows"] if r["method"] == "dense")
-    methods = sorted({r["method"] for r in record["rows"] if r["method"] != "dense"})
-    for method in methods:
-        rows = [r for r in record["rows"] if r["method"] == method and "perplexity" in r]
+    series = sorted({(r["method"], r.get("calibration", DEFAULT_CALIBRATION)) for r in record["rows"]
+                     if r["method"] != "dense"})
+    for method, calibration in series:
+        rows = [r for r in record["rows"] if r["method"] == method and "perplexity" in r
+                and r.get("calibration", DEFAULT_CALIBRATION) == calibration]
+        label = method if calibration == DEFAULT_CALIBRATION else f"{method} ({calibration} calibration)"
         if rows:
-            ax.plot([100 * r["achieved_ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=method)
+            ax.plot([100 * r["achieved_ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=label)
     ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
     ax.set_yscale("log")
     ax.set_xlabel("parameters removed (% of all, embeddings included)")

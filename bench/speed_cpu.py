@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from backbone import PAST, PREFILL, machine_description  # noqa: E402
+from backbone import PAST, PREFILL  # bench/ is on sys.path: Python puts a script's folder there
+
+from edgecompress.report import machine_description
 
 RESULTS = Path(__file__).parent / "results" / "speed-cpu.json"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,11 +141,11 @@ def llama_cpp_quality(gguf: Path, tokenizer_folder: Path, threads: int, windows:
     """Perplexity from llama.cpp's logits on the token ids our evaluation uses (same windows, same scoring)."""
     from llama_cpp import Llama
 
-    from edgecompress.runtimes.perplexity import default_data, next_token_nll, token_windows
     from edgecompress.runtimes.artifact_files import load_tokenizer
+    from edgecompress.runtimes.perplexity import evaluation_text, next_token_nll, token_windows
 
     tokenizer = load_tokenizer(tokenizer_folder)
-    ids = tokenizer.encode(default_data().read_text(encoding="utf-8"), add_special_tokens=False).ids
+    ids = tokenizer.encode(evaluation_text(None).text, add_special_tokens=False).ids
     llm = Llama(str(gguf), n_ctx=PREFILL, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=threads,
                 n_threads_batch=threads, logits_all=True, verbose=False)
     nll = []

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edgecompress import artifact, profiles
-from edgecompress.errors import EdgeCompressError
-from edgecompress.pipeline import BuildOptions, CompressOptions, Progress
+from edgecompress import contract, options, profiles
+from edgecompress.errors import EdgeCompressError, first_line
+from edgecompress.options import BuildOptions, CompressOptions
+from edgecompress.pipeline import Progress
 from edgecompress.pipeline import build as _run_build
 
 
@@ -22,16 +22,17 @@ def build(
     force: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    method: str = "grasp",
+    method: str = options.DEFAULT_METHOD,
     ratio: float | None = None,
     plan: str | Path | None = None,
     calibration: str | None = None,
-    calib_sequences: int = 16,
-    calib_seq_len: int = 512,
-    seed: int = 0,
-    rho: float = 0.9,
+    calib_sequences: int = options.DEFAULT_CALIB_SEQUENCES,
+    calib_seq_len: int = options.DEFAULT_CALIB_SEQ_LEN,
+    seed: int | None = None,
+    rho: float = options.DEFAULT_RHO,
     device: str = "cpu",
     eval_limit: int | None = None,
+    eval_data: str | Path | None = None,
     weights: str | None = None,
     block_size: int | None = None,
     fuse: bool | None = None,
@@ -40,19 +41,23 @@ def build(
     """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json).
 
     With `ratio` (fraction of all parameters to remove) or a saved `plan`, the model is compressed:
-    PyTorch decides the plan (`method`, calibrated on `calibration`), graph passes apply it to the
-    export, and verification compares against PyTorch with the same plan applied. `weights`
-    (fp32, int8, int4; MatMulNBits with `block_size`) and `fuse` (onnxruntime contrib-op fusions) are
-    applied after that verification and checked against the fp32 export; None takes the target's default.
+    PyTorch decides the plan (`method`, calibrated on `calibration`: a file, an hf: spec, `self[:N]`,
+    or None for $EDGECOMPRESS_DATA, then the datasets library, then self-generated text), graph passes
+    apply it to the export, and verification compares against PyTorch with the same plan applied.
+    `seed` draws the calibration windows at random offsets (None: from the start) and seeds
+    self-generated text. `weights` (fp32, int8, int4; MatMulNBits with `block_size`) and `fuse`
+    (onnxruntime contrib-op fusions) are applied after that verification and checked against the fp32
+    export; None takes the target's default. The report's perplexity (`eval_limit` windows) is measured
+    on `eval_data`, resolved like the calibration text (no self-generated text).
     """
     compress = None
     if ratio is not None or plan is not None:
         compress = CompressOptions(
             method=method, ratio=ratio, plan=Path(plan) if plan is not None else None,
-            calibration=calibration, calib_sequences=calib_sequences, calib_seq_len=calib_seq_len,
-            seed=seed, rho=rho, device=device,
+            calibration=None if calibration is None else str(calibration), calib_sequences=calib_sequences,
+            calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device,
         )
-    options = BuildOptions(
+    build_options = BuildOptions(
         model=model,
         target=target,
         out=Path(out) if out is not None else None,
@@ -61,16 +66,17 @@ def build(
         trust_remote_code=trust_remote_code,
         compress=compress,
         eval_limit=eval_limit,
+        eval_data=None if eval_data is None else str(eval_data),
         weights=weights,
         block_size=block_size,
         fuse=fuse,
     )
-    return _run_build(options, progress)
+    return _run_build(build_options, progress)
 
 
 def targets() -> list[dict[str, Any]]:
-    """Every bundled target profile."""
-    return profiles.all_profiles()
+    """Every bundled target profile, as JSON-ready dicts."""
+    return [profile.describe() for profile in profiles.all_profiles()]
 
 
 def inspect(out: str | Path) -> dict[str, Any]:
@@ -78,21 +84,21 @@ def inspect(out: str | Path) -> dict[str, Any]:
     import onnx
 
     folder = Path(out)
-    model_file = folder / "model.onnx" if folder.is_dir() else folder
+    model_file = folder / contract.MODEL_FILE if folder.is_dir() else folder
     if not model_file.is_file():
-        raise EdgeCompressError(f"'{out}' is not an edgecompress artifact (no model.onnx)")
+        raise EdgeCompressError(f"'{out}' is not an edgecompress artifact (no {contract.MODEL_FILE})")
     folder = model_file.parent
     try:
         proto = onnx.load(str(model_file), load_external_data=False)  # structure only, no weights read
     except Exception as exc:
-        raise EdgeCompressError(f"'{model_file}' is not a readable ONNX model: {str(exc).splitlines()[0]}") from None
+        raise EdgeCompressError(f"'{model_file}' is not a readable ONNX model: {first_line(exc)}") from None
     graph = proto.graph
     params = sum(_numel(t.dims) for t in graph.initializer)
     op_counts = Counter(node.op_type for node in graph.node)
     standard = {"", "ai.onnx"}
     custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in standard})
-    report = _read_json(folder / artifact.REPORT_FILE)
-    genai = _read_json(folder / "genai_config.json")
+    report = _read_json(folder / contract.REPORT_FILE)
+    genai = _read_json(folder / contract.GENAI_CONFIG_FILE)
     layers = genai.get("model", {}).get("decoder", {}).get("num_hidden_layers")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return {
@@ -157,24 +163,25 @@ def eval(  # noqa: A001 - the verb is `edgecompress eval`
     threads: int | None = None,
     reference: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of the artifact OUT on a text file (WikiText-2 test split by default), via onnxruntime.
+    """Perplexity of the artifact OUT via onnxruntime, on `data` (a text file or an hf: spec; None:
+    $EDGECOMPRESS_DATA's wiki.test.raw, then WikiText-2's test split through the datasets library).
 
     With `reference` (e.g. the dense artifact), the same windows are scored on it too and the result
     holds its perplexity and the ratio."""
-    from edgecompress.runtimes.perplexity import perplexity
+    from edgecompress.runtimes.artifact_files import artifact_folder
+    from edgecompress.runtimes.perplexity import evaluation_text, perplexity
 
-    with _runtime_errors():
-        if reference is not None:  # a wrong reference fails before the long run, not after it
-            from edgecompress.runtimes.artifact_files import artifact_folder
-
-            artifact_folder(reference)
-        result = perplexity(out, data, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
-        if reference is not None:
-            dense = perplexity(reference, data, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
-            if dense["settings"]["data_sha256"] != result["settings"]["data_sha256"] or dense["windows"] != result["windows"]:
-                raise EdgeCompressError("the reference scored different windows (different tokenizer?); no ratio")
-            result["reference"] = {"artifact": dense["artifact"], "perplexity": dense["perplexity"]}
-            result["ratio_to_reference"] = result["perplexity"] / dense["perplexity"]
+    artifact_folder(out)
+    if reference is not None:  # a wrong reference fails before the long run, not after it
+        artifact_folder(reference)
+    text = evaluation_text(data)  # read once for both artifacts
+    result = perplexity(out, text, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
+    if reference is not None:
+        dense = perplexity(reference, text, seq_len=seq_len, limit=limit, batch_size=batch_size, threads=threads)
+        if dense["windows_sha256"] != result["windows_sha256"]:
+            raise EdgeCompressError("the reference scored different token windows (a different tokenizer?); no ratio")
+        result["reference"] = {"artifact": dense["artifact"], "perplexity": dense["perplexity"]}
+        result["ratio_to_reference"] = result["perplexity"] / dense["perplexity"]
     return result
 
 
@@ -209,21 +216,7 @@ def generate(
         top_p=top_p if top_p is not None else 1.0,
         seed=seed,
     )
-    with _runtime_errors():
-        generator = TextGenerator(out, providers=providers, threads=threads)
-        result = generator.generate(
-            prompt, max_new_tokens, sampling, chat=chat, system=system, messages=messages, on_text=on_text
-        )
+    generator = TextGenerator(out, providers=providers, threads=threads)
+    result = generator.generate(prompt, max_new_tokens, sampling, chat=chat, system=system, messages=messages,
+                                on_text=on_text)
     return result.as_dict()
-
-
-@contextmanager
-def _runtime_errors():
-    """The runtime raises its own torch-free errors; the API speaks EdgeCompressError."""
-    from edgecompress.runtimes.errors import ArtifactRuntimeError
-    from edgecompress.runtimes.session import RuntimeLoadError
-
-    try:
-        yield
-    except (ArtifactRuntimeError, RuntimeLoadError) as exc:
-        raise EdgeCompressError(str(exc)) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -10,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from edgecompress.contract import DATA_FILE, MODEL_FILE, REPORT_FILE
 from edgecompress.errors import EdgeCompressError
-
-REPORT_FILE = "report.json"
+from edgecompress.runtimes.artifact_files import sha256_file
 
 
 def check_destination(out: Path, force: bool) -> None:
@@ -63,12 +62,25 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+@contextmanager
+def work_folder(beside: Path, name: str) -> Iterator[Path]:
+    """A hidden folder next to `beside` (same filesystem) that is removed however the build ends."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=beside.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def copy_sidecar_files(source: Path, destination: Path) -> None:
+    """Everything of an artifact folder but its model files (small: configs, tokenizer, plan)."""
+    for entry in source.iterdir():
+        if entry.name in (MODEL_FILE, DATA_FILE):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, destination / entry.name)
+        else:
+            shutil.copy2(entry, destination / entry.name)
 
 
 def manifest(folder: Path, exclude: tuple[str, ...] = (REPORT_FILE,)) -> dict[str, dict]:

@@ -1,30 +1,25 @@
-"""Calibration data: token windows cut from a text source, with enough metadata to hash and replay.
+"""Calibration data: token windows for attribution, with enough metadata to hash and replay.
 
-Sources:
-- a plain text file (read as-is);
-- `wikitext-2` (alias): the shared `wiki.valid.tokens` file (the evaluation split is refused);
-- `hf:NAME[:CONFIG]:SPLIT[:COLUMN]`: a Hugging Face dataset loaded with `datasets.load_dataset`;
-  rows are joined with blank lines. NAME may be a local dataset folder. SPLIT may slice
-  (`validation[:200]`). COLUMN defaults to `text`.
-
-The whole text is tokenized once, then windows are taken from the start (the reference protocol:
-16 x 512 tokens from the start of wiki.valid.tokens) or sampled at random offsets by seed.
+Where the text comes from is `edgecompress.runtimes.text_sources` (the user's file or `hf:` spec,
+then $EDGECOMPRESS_DATA, then the `datasets` library); `self[:N]` is text the model generates itself,
+and it is also the fallback, with a warning, when no text is found at all. A text is tokenized once
+and cut into windows: consecutive from the start (the reference protocol: 16 x 512 tokens from the
+start of wiki.valid.tokens), or at random offsets drawn by `seed` when a seed is given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
 
 from edgecompress.errors import EdgeCompressError
+from edgecompress.options import SELF, check_calibration_size, is_self_spec, parse_self_spec
+from edgecompress.runtimes import text_sources
+from edgecompress.runtimes.text_sources import CALIBRATION, NoText, TextSource, parse_hf_spec  # noqa: F401
 
-WIKITEXT_DIR_ENV = "EDGECOMPRESS_WIKITEXT_DIR"
-WIKITEXT_CALIBRATION_FILE = "wiki.valid.tokens"
-# The evaluation split: calibrating on it would leak the test set into the compression.
-WIKITEXT_TEST_FILES = ("wiki.test.raw", "wiki.test.tokens")
-WIKITEXT_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 SAMPLING_MODES = ("start", "random")
 
 
@@ -35,9 +30,9 @@ class CalibrationSet:
     input_ids: "torch.Tensor"  # noqa: F821  (torch is imported lazily)
     source: str
     source_sha256: str
-    seed: int
+    seed: int | None
     sampling: str = "start"
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # how self-generated text was made; a fallback's reason
 
     @property
     def n_sequences(self) -> int:
@@ -48,11 +43,13 @@ class CalibrationSet:
         return int(self.input_ids.shape[1])
 
     def content_hash(self) -> str:
-        """sha256 of the exact token windows plus how they were drawn."""
+        """sha256 of the exact token windows plus how they were drawn (generation settings included)."""
         digest = hashlib.sha256()
         digest.update(self.input_ids.contiguous().cpu().numpy().astype("<i8").tobytes())
         digest.update(f"{self.n_sequences}x{self.seq_len}|{self.sampling}|{self.seed}".encode())
         digest.update(self.source_sha256.encode())
+        if self.extra:
+            digest.update(json.dumps(self.extra, sort_keys=True).encode())
         return digest.hexdigest()
 
     def describe(self) -> dict:
@@ -64,102 +61,9 @@ class CalibrationSet:
             "seq_len": self.seq_len,
             "sampling": self.sampling,
             "seed": self.seed,
+            **self.extra,
             "hash": self.content_hash(),
         }
-
-
-def default_wikitext_dir() -> Path:
-    """The shared WikiText-2 folder: $EDGECOMPRESS_WIKITEXT_DIR, else ../shared/data/wikitext-2."""
-    if os.environ.get(WIKITEXT_DIR_ENV):
-        return Path(os.environ[WIKITEXT_DIR_ENV])
-    repo_root = Path(__file__).resolve().parents[1]
-    return repo_root.parent / "shared" / "data" / "wikitext-2"
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _refuse_test_split_file(path: Path, text: str) -> None:
-    if path.name in WIKITEXT_TEST_FILES or _sha256_text(text) == WIKITEXT_TEST_SHA256:
-        raise EdgeCompressError(
-            f"{path} is the WikiText-2 evaluation (test) split; calibrate on "
-            f"{WIKITEXT_CALIBRATION_FILE} or another text instead"
-        )
-
-
-def _split_spec(spec: str) -> list[str]:
-    """Split on ':' but not inside [...] so split slices like `train[:100]` survive."""
-    parts, current, depth = [], "", 0
-    for char in spec:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if char == ":" and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
-def parse_hf_spec(spec: str) -> dict:
-    """`hf:NAME[:CONFIG]:SPLIT[:COLUMN]` -> {name, config, split, column}."""
-    parts = _split_spec(spec[len("hf:"):])
-    if len(parts) == 2:
-        name, split = parts
-        config, column = None, "text"
-    elif len(parts) == 3:
-        name, config, split = parts
-        column = "text"
-    elif len(parts) == 4:
-        name, config, split, column = parts
-    else:
-        raise EdgeCompressError(f"bad dataset spec {spec!r}: expected hf:NAME[:CONFIG]:SPLIT[:COLUMN]")
-    if not name or not split:
-        raise EdgeCompressError(f"bad dataset spec {spec!r}: NAME and SPLIT are required")
-    return {"name": name, "config": config or None, "split": split, "column": column or "text"}
-
-
-def _load_hf_text(spec: str) -> str:
-    fields = parse_hf_spec(spec)
-    split_name = fields["split"].split("[")[0]
-    if "wikitext" in fields["name"].lower() and split_name == "test":
-        raise EdgeCompressError(
-            f"{spec} is the WikiText evaluation (test) split; calibrate on the validation or train split"
-        )
-    try:
-        import datasets
-    except ImportError as exc:  # optional dependency
-        raise EdgeCompressError("Hugging Face datasets is not installed: pip install datasets") from exc
-    try:
-        dataset = datasets.load_dataset(fields["name"], fields["config"], split=fields["split"])
-    except Exception as exc:  # network, missing folder, unknown split: all user-facing
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgeCompressError(f"cannot load dataset {spec}: {first_line}") from exc
-    if fields["column"] not in dataset.column_names:
-        raise EdgeCompressError(
-            f"dataset {spec} has no column {fields['column']!r} (columns: {', '.join(dataset.column_names)})"
-        )
-    return "\n\n".join(str(row) for row in dataset[fields["column"]])
-
-
-def load_calibration_text(source: str | os.PathLike) -> tuple[str, str]:
-    """Return (text, description) for a calibration source. Refuses the evaluation split."""
-    source_str = os.fspath(source)
-    if source_str.startswith("hf:"):
-        return _load_hf_text(source_str), source_str
-    if source_str in ("wikitext-2", "wikitext2"):
-        path = default_wikitext_dir() / WIKITEXT_CALIBRATION_FILE
-    else:
-        path = Path(source_str)
-    if not path.is_file():
-        raise EdgeCompressError(f"calibration text {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    _refuse_test_split_file(path, text)
-    return text, str(path)
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
@@ -172,50 +76,127 @@ def _tokenize(tokenizer, text: str) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def windows_from_tokens(tokens, n_sequences: int, seq_len: int, sampling: str = "start", seed: int = 0):
+def windows_from_tokens(tokens, n_sequences: int, seq_len: int, sampling: str = "start", seed: int | None = 0):
     """Cut [n_sequences, seq_len] windows from one token stream: consecutive from the start, or
     random offsets drawn by `seed` (windows may overlap, like SparseGPT's sampler)."""
     import torch
 
-    if n_sequences < 1 or seq_len < 2:
-        raise EdgeCompressError(f"need at least 1 sequence of 2 tokens, got {n_sequences} x {seq_len}")
+    check_calibration_size(n_sequences, seq_len)
     if sampling not in SAMPLING_MODES:
         raise EdgeCompressError(f"unknown sampling {sampling!r}: use one of {', '.join(SAMPLING_MODES)}")
     stream = torch.as_tensor(tokens, dtype=torch.int64)
     total = int(stream.numel())
     if total < seq_len:
-        raise EdgeCompressError(
-            f"calibration text has {total} tokens, shorter than one sequence of {seq_len}"
-        )
+        raise EdgeCompressError(f"calibration text has {total} tokens, shorter than one sequence of {seq_len}")
     if sampling == "start":
         available = total // seq_len
         if available < n_sequences:
             raise EdgeCompressError(
                 f"calibration text has {total} tokens: {available} sequences of {seq_len} from the "
-                f"start, {n_sequences} asked (use fewer, shorter, or sampling='random')"
+                f"start, {n_sequences} asked (use fewer, shorter, or --seed for random windows)"
             )
         return stream[: n_sequences * seq_len].reshape(n_sequences, seq_len).clone()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed or 0)
     starts = torch.randint(0, total - seq_len + 1, (n_sequences,), generator=generator)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
+def from_text(source: TextSource, tokenizer, n_sequences: int, seq_len: int, seed: int | None = None,
+              sampling: str | None = None) -> CalibrationSet:
+    """Windows of one text; random offsets when a seed is given (or sampling="random")."""
+    sampling = sampling or ("random" if seed is not None else "start")
+    input_ids = windows_from_tokens(_tokenize(tokenizer, source.text), n_sequences, seq_len, sampling, seed)
+    return CalibrationSet(input_ids, source.description, source.sha256, seed, sampling)
+
+
 def build_calibration(
-    source: str | os.PathLike,
+    source: str | os.PathLike | None,
     tokenizer,
     n_sequences: int = 16,
     seq_len: int = 512,
-    seed: int = 0,
-    sampling: str = "start",
+    seed: int | None = None,
+    sampling: str | None = None,
+    *,
+    model=None,
+    generation_config=None,
+    warn: Callable[[str], None] | None = None,
 ) -> CalibrationSet:
-    """Load `source`, tokenize it once with `tokenizer` (an HF tokenizer) and cut the windows."""
-    text, description = load_calibration_text(source)
-    tokens = _tokenize(tokenizer, text)
-    input_ids = windows_from_tokens(tokens, n_sequences, seq_len, sampling=sampling, seed=seed)
-    return CalibrationSet(
-        input_ids=input_ids,
-        source=description,
-        source_sha256=_sha256_text(text),
-        seed=seed,
-        sampling=sampling,
-    )
+    """The calibration set for `source` (a file, `hf:` spec, `self[:N]`, or None for the defaults).
+
+    With no text found anywhere, falls back to `self` (which needs `model`), calling `warn` with a
+    one-line reason that is also recorded in the set's metadata (so in the plan and the report)."""
+    if is_self_spec(source):
+        count = parse_self_spec(source) or n_sequences
+        return self_generated(model, tokenizer, generation_config, count, seq_len, seed)
+    found = text_sources.resolve(source, CALIBRATION)
+    if not isinstance(found, NoText):
+        return from_text(found, tokenizer, n_sequences, seq_len, seed, sampling)
+    message = f"{found.reason}: calibrating on {n_sequences} self-generated sequences (--calibration self)"
+    if warn is not None:
+        warn(message)
+    calib = self_generated(model, tokenizer, generation_config, n_sequences, seq_len, seed)
+    calib.extra["fallback"] = message
+    return calib
+
+
+def sampling_settings(generation_config) -> dict:
+    """The model's own sampling settings when its generation config samples; else plain sampling at
+    temperature 1 (greedy decoding from one start token would give the same text N times)."""
+    config = generation_config
+    if config is not None and getattr(config, "do_sample", False):
+        return {
+            "temperature": float(getattr(config, "temperature", 1.0) or 1.0),
+            "top_k": int(getattr(config, "top_k", 0) or 0),
+            "top_p": float(getattr(config, "top_p", 1.0) or 1.0),
+            "from": "the model's generation config",
+        }
+    return {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "from": "plain sampling (the model's config is greedy)"}
+
+
+def self_generated(model, tokenizer, generation_config, n_sequences: int, seq_len: int, seed: int | None,
+                   batch_size: int = 16) -> CalibrationSet:
+    """N sequences of `seq_len` tokens sampled by the model from its beginning-of-sequence token.
+
+    Every sequence runs to full length (end-of-sequence is suppressed until then); the seed (0 by
+    default) and the sampling settings are recorded and hashed, so the same model gives the same set."""
+    import torch
+
+    if model is None:
+        raise EdgeCompressError("self-generated calibration needs the model")
+    check_calibration_size(n_sequences, seq_len)
+    seed = 0 if seed is None else seed
+    start = _start_token(tokenizer, generation_config)
+    settings = sampling_settings(generation_config)
+    rows = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for first in range(0, n_sequences, batch_size):
+            count = min(batch_size, n_sequences - first)
+            prompt = torch.full((count, 1), start, dtype=torch.long, device=model.device)
+            rows.append(model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1, temperature=settings["temperature"], top_k=settings["top_k"],
+                top_p=settings["top_p"], pad_token_id=_pad_token(tokenizer, generation_config),
+            ).cpu())
+    input_ids = torch.cat(rows)[:, :seq_len].contiguous()
+    generation = {**settings, "start_token": start, "max_new_tokens": seq_len - 1}
+    spec = f"{SELF}:{n_sequences}"
+    return CalibrationSet(input_ids, spec, text_sources.sha256_text(json.dumps(generation, sort_keys=True)), seed,
+                          "generated", {"generation": generation})
+
+
+def _start_token(tokenizer, generation_config) -> int:
+    for candidate in (getattr(generation_config, "bos_token_id", None), tokenizer.bos_token_id,
+                      getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    raise EdgeCompressError("self-generated calibration needs a beginning- or end-of-sequence token")
+
+
+def _pad_token(tokenizer, generation_config) -> int:
+    pad = getattr(generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _start_token(tokenizer, generation_config)
+    return int(pad[0] if isinstance(pad, list) else pad)

@@ -20,6 +20,7 @@ from rich.progress import Progress as RichProgress
 from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgecompress import contract, options
 from edgecompress.errors import EdgeCompressError
 from edgecompress.pipeline import Progress
 
@@ -80,6 +81,7 @@ class RichStages(Progress):
     """A spinner and elapsed time per pipeline stage."""
 
     def __init__(self, quiet: bool):
+        self.quiet = quiet
         self.bar = RichProgress(
             SpinnerColumn(),
             TextColumn("[bold]{task.fields[stage]:<7}[/]"),
@@ -107,7 +109,12 @@ class RichStages(Progress):
     def stage_finished(self, name: str, seconds: float) -> None:
         self.bar.update(self.tasks[name], completed=1, description=f"[green]done[/] in {seconds:.1f} s")
 
+    def warning(self, message: str) -> None:  # also in report.json's "warnings"
+        if not self.quiet:
+            self.bar.console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
+
+# Long only because typer declares every option in the signature; the work is api.build's.
 @app.command()
 @handle_errors
 def build(
@@ -129,26 +136,34 @@ def build(
         "e.g. 0.2.", show_default=False,
     ),
     method: str = typer.Option(
-        "grasp", "--method", "-m", help="Compression method: grasp, grasp-w, grasp-wr (grasp-w plus a short "
-        "layer-wise refit of the factors), grasp-wre (end-to-end refit, slower), grasp-wt, grasp-topsigma, "
-        "shortgpt, svd, svd-llm."
+        options.DEFAULT_METHOD, "--method", "-m", help=f"Compression method: {options.method_help()}."
     ),
     plan: Optional[Path] = typer.Option(
         None, "--plan", help="Reuse a saved plan folder (plan.json + factors.safetensors); skips attribution.",
         show_default=False,
     ),
     calibration: Optional[str] = typer.Option(
-        None, "--calibration", help="Calibration text: a file, or hf:DATASET[:CONFIG][:SPLIT][:FIELD] "
-        "(default: WikiText-2 validation).", show_default=False,
+        None, "--calibration", help="Calibration text: a file, hf:DATASET[:CONFIG]:SPLIT[:FIELD], or self[:N] "
+        "(N sequences the model generates itself). Default: $EDGECOMPRESS_DATA/wiki.valid.tokens, else "
+        "WikiText-2 validation through the datasets library, else self (with a warning).", show_default=False,
     ),
-    calib_sequences: int = typer.Option(16, help="Calibration sequences."),
-    calib_seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    rho: float = typer.Option(0.9, help="Fraction of each replaced matrix's parameters removed."),
+    calib_sequences: int = typer.Option(options.DEFAULT_CALIB_SEQUENCES, help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(options.DEFAULT_CALIB_SEQ_LEN, help="Tokens per calibration sequence."),
+    seed: Optional[int] = typer.Option(
+        None, help="Draw the calibration windows at random offsets with this seed (default: consecutive "
+        "windows from the start); also seeds self-generated text (default 0).", show_default=False,
+    ),
+    rho: float = typer.Option(options.DEFAULT_RHO, help="Fraction of each replaced matrix's parameters removed."),
     device: str = typer.Option("cpu", help="PyTorch device for attribution (cpu, cuda)."),
     eval_limit: Optional[int] = typer.Option(
-        None, help="WikiText-2 test windows (512 tokens) for the perplexity in the report; default 40 for "
-        "compressed or low-bit builds, none for dense fp32 ones; 0 disables.", show_default=False,
+        None, help=f"Windows of {options.EVAL_SEQ_LEN} tokens for the perplexity in the report; default "
+        f"{options.DEFAULT_EVAL_WINDOWS} for compressed or low-bit builds, none for dense fp32 ones; 0 disables.",
+        show_default=False,
+    ),
+    eval_data: Optional[str] = typer.Option(
+        None, "--eval-data", help="Text for the report's perplexity: a file or hf:DATASET[:CONFIG]:SPLIT[:FIELD]. "
+        "Default: $EDGECOMPRESS_DATA/wiki.test.raw, else WikiText-2 test through the datasets library, else "
+        "skipped (said in the report).", show_default=False,
     ),
     weights: Optional[str] = typer.Option(
         None, help="Weight format: fp32, int8 or int4 (onnxruntime MatMulNBits; a GGUF source keeps its "
@@ -174,7 +189,7 @@ def build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
             method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
             calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, eval_limit=eval_limit,
-            weights=weights, block_size=block_size, fuse=fuse, progress=stages,
+            eval_data=eval_data, weights=weights, block_size=block_size, fuse=fuse, progress=stages,
         )
     if quiet:
         out_console.print(report["path"], highlight=False)
@@ -200,8 +215,11 @@ def _print_build_summary(report: dict[str, Any]) -> None:
                   f"max |Δlogit| {worst:.2e} (prefill, decode, padded batch)")
     evaluation = report.get("evaluation") or {}
     if "perplexity" in evaluation:
-        table.add_row("perplexity", f"{evaluation['perplexity']:.2f} (WikiText-2 test, "
-                      f"{evaluation.get('windows', '?')} x {evaluation.get('settings', {}).get('seq_len', 512)} tokens)")
+        settings = evaluation.get("settings", {})
+        table.add_row("perplexity", f"{evaluation['perplexity']:.2f} ({settings.get('data', '?')}, "
+                      f"{evaluation.get('windows', '?')} x {settings.get('seq_len', '?')} tokens)")
+    elif "skipped" in evaluation:
+        table.add_row("perplexity", f"skipped: {evaluation['skipped']}")
     table.add_row("greedy", f"{len(greedy['onnxruntime'])} tokens identical to PyTorch: {greedy['identical']}")
     optimized = verification.get("optimized")
     if optimized:
@@ -235,7 +253,7 @@ def _plan_layers(compression: dict[str, Any]) -> str:
 @app.command()
 @handle_errors
 def inspect(
-    out: Path = typer.Argument(..., help="Artifact folder (or its model.onnx)."),
+    out: Path = typer.Argument(..., help=f"Artifact folder (or its {contract.MODEL_FILE})."),
     as_json: bool = typer.Option(False, "--json", help="Print the full description as JSON."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
@@ -259,7 +277,7 @@ def inspect(
     table.add_row("top ops", ", ".join(f"{op}×{n}" for op, n in top_ops))
     for kind in ("inputs", "outputs"):
         values = info[kind]
-        shown = [v for v in values if not v["name"].startswith(("past_key_values.", "present."))]
+        shown = [v for v in values if not contract.is_kv_name(v["name"])]
         kv = len(values) - len(shown)
         text = "; ".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in shown)
         table.add_row(kind, text + (f"; + {kv} KV tensors" if kv else ""))
@@ -289,20 +307,24 @@ def list_targets(
     table = Table("target", "device", "provider", "dtype", "memory", "bandwidth", "peak", "description")
     for p in profiles:
         table.add_row(
-            p["name"], p["device"], p["execution_provider"], p["dtype"],
-            f"{p.get('memory_gb', '?')} GB", f"{p.get('memory_bandwidth_gbs', '?')} GB/s",
-            f"{p.get('peak_tflops_fp32', '?')} TFLOPS", p["description"],
+            p["name"], p["device"], ", ".join(p["execution_provider"]), p["dtype"],
+            _number(p["memory_gb"], "GB"), _number(p["memory_bandwidth_gbs"], "GB/s"),
+            _number(p["peak_tflops_fp32"], "TFLOPS"), p["description"],
         )
     out_console.print(table)
+
+
+def _number(value, unit: str) -> str:
+    return "?" if value is None else f"{value} {unit}"
 
 
 @app.command("eval")
 @handle_errors
 def eval_artifact(
     out: Path = typer.Argument(..., help="Artifact folder."),
-    data: Optional[Path] = typer.Option(
-        None, "--data", help="Text file to score (default: the WikiText-2 test split in shared/data when present).",
-        show_default=False,
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Text to score: a file or hf:DATASET[:CONFIG]:SPLIT[:FIELD]. Default: "
+        "$EDGECOMPRESS_DATA/wiki.test.raw, else WikiText-2 test through the datasets library.", show_default=False,
     ),
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N windows.", show_default=False),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per non-overlapping window."),

@@ -1,6 +1,6 @@
 """make_plan: run a compression method end to end on a torch model and return its CompressionPlan.
 
-Methods (layer choice / what happens to the chosen layers / basis / which singular groups stay):
+Methods (registered in edgecompress.options.METHODS; layer choice / action / basis / which groups stay):
 - grasp:          lowest BI, replace, SVD of W,       top-k by |σ·G| (gradient attribution)
 - grasp-topsigma: lowest BI, replace, SVD of W,       largest σ (ablation: no attribution)
 - grasp-w:        lowest BI, replace, whitened W L,   largest whitened σ (SVD-LLM inside GRASP layers)
@@ -27,36 +27,33 @@ The model is left as it came in: every swapped module, requires_grad flag and th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from edgecompress.apply_plan import install_low_rank
 from edgecompress.attribution.block_influence import LayerScores, layer_scores
 from edgecompress.attribution.grasp import accumulated_sigma_gradients, group_scores
-from edgecompress.attribution.layer_stream import (
+from edgecompress.attribution.layer_walker import (
     ATTENTION_LINEARS,
     LINEAR_NAMES,
     MLP_LINEARS,
+    LayerWalker,
     decoder_layers,
-    inputs_of_layers,
     layer_linears,
-    layer_output,
     layer_prefix,
-    run_layers,
     set_submodule,
 )
+from edgecompress.attribution.low_rank import install_low_rank
 from edgecompress.attribution.singular_basis import SingularBasis, score_summary, top_indices
 from edgecompress.attribution.svd import largest_sigma, weight_basis
 from edgecompress.attribution.svd_llm import input_grams, whitened_basis
 from edgecompress.calibrate import CalibrationSet
 from edgecompress.errors import EdgeCompressError
+from edgecompress.options import DEFAULT_METHOD, DEFAULT_RHO, MethodSpec, check_method, check_ratio, check_rho, check_score_metric
 from edgecompress.plan import (
     CompressionPlan,
     LayerPlan,
     LinearPlan,
-    check_ratio,
     count_for_ratio,
     low_rank_rank,
     low_rank_saving,
@@ -64,27 +61,6 @@ from edgecompress.plan import (
     uniform_rho_for_ratio,
 )
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    layers: str  # "chosen": redundant layers by score | "all"
-    action: str  # "replace" | "remove"
-    basis: str = "weight"  # "weight" | "whitened"
-    selection: str = "largest"  # "largest" | "attribution"
-    refit: str | None = None  # "layer" | "end-to-end": short refit of the chosen layers' factors afterwards
-
-
-METHODS = {
-    "grasp": MethodSpec("chosen", "replace", "weight", "attribution"),
-    "grasp-topsigma": MethodSpec("chosen", "replace", "weight", "largest"),
-    "grasp-w": MethodSpec("chosen", "replace", "whitened", "largest"),
-    "grasp-wt": MethodSpec("chosen", "replace", "whitened", "attribution"),
-    "grasp-wr": MethodSpec("chosen", "replace", "whitened", "largest", refit="layer"),
-    "grasp-wre": MethodSpec("chosen", "replace", "whitened", "largest", refit="end-to-end"),
-    "shortgpt": MethodSpec("chosen", "remove"),
-    "svd": MethodSpec("all", "replace", "weight", "largest"),
-    "svd-llm": MethodSpec("all", "replace", "whitened", "largest"),
-}
 LAYER_SELECTIONS = ("bi", "angular")
 SCHEDULES = ("sequential", "joint")
 # (steps, learning rate) per refit scope, measured on smollm2-135m at 10 % (10 windows): layer-wise
@@ -129,10 +105,7 @@ def _choose_layers(model, scores: LayerScores, spec, ratio, rho, dense_total, op
     # Angular: the block size is the count whose (uniform) per-layer saving reaches the ratio.
     if n_layers is None:
         n_layers = count_for_ratio(sorted(savings)[::-1][:most], dense_total, ratio, options["rounding"])
-    distances = scores.angular_distances(n_layers)
-    starts = [s for s in range(len(distances)) if not any(s <= e < s + n_layers for e in exclude)]
-    start = min(starts, key=lambda s: (distances[s], s))
-    return list(range(start, start + n_layers))
+    return scores.best_block(n_layers, exclude)
 
 
 def _linear_record(prefix, index, name, linear, kept, basis, summary) -> LinearPlan:
@@ -181,7 +154,7 @@ LINEAR_STAGES = (ATTENTION_LINEARS[:3], ATTENTION_LINEARS[3:], MLP_LINEARS[:2], 
 
 
 @torch.no_grad()
-def _largest_sigma_layers(model, stream, chosen, spec, rho, builder, options, progress):
+def _largest_sigma_layers(model, walker, chosen, spec, rho, builder, options, progress):
     """Truncation by largest σ (plain or whitened), layer by layer with one input set in memory.
 
     whitening="original": Gram matrices from the dense model's activations (SVD-LLM).
@@ -192,21 +165,14 @@ def _largest_sigma_layers(model, stream, chosen, spec, rho, builder, options, pr
     layers = decoder_layers(model)
     error_aware = spec.basis == "whitened" and options["whitening"] == "compressed"
     stages = LINEAR_STAGES if error_aware else (LINEAR_NAMES,)
-    hidden, position = (list(stream.embeddings) if stream else None), 0
+    # Dense inputs unless error-aware: then the walk runs the layers below as compressed so far.
+    walk = walker.inputs(chosen, dense=not error_aware) if spec.basis == "whitened" else ((i, None) for i in chosen)
     installed = {}
     try:
-        for step, index in enumerate(chosen):
-            if spec.basis == "whitened" and stream.layer_inputs is not None and not error_aware:
-                hidden = [per_batch[index] for per_batch in stream.layer_inputs]
-            elif spec.basis == "whitened":
-                hidden = [run_layers(model, h, kw, position, index) for h, kw in zip(hidden, stream.layer_kwargs)]
-                position = index
+        for step, (index, hidden) in enumerate(walk):
             for names in stages:
                 linears = layer_linears(layers[index], names)
-                grams = None
-                if spec.basis == "whitened":
-                    kwargs = [kw[index] for kw in stream.layer_kwargs]
-                    grams = input_grams(layers[index], linears, hidden, kwargs)
+                grams = input_grams(walker, index, linears, hidden) if spec.basis == "whitened" else None
                 for name, linear in linears.items():
                     basis = _basis_for(linear, spec.basis, grams, name, options["jitter"])
                     kept = largest_sigma(basis, low_rank_rank(linear.out_features, linear.in_features, rho))
@@ -221,18 +187,16 @@ def _largest_sigma_layers(model, stream, chosen, spec, rho, builder, options, pr
             set_submodule(model, key, original)
 
 
-def _attribution_layers(model, stream, chosen, spec, rho, builder, options, progress):
+def _attribution_layers(model, walker, chosen, spec, rho, builder, options, progress):
     """GRASP: gradient-scored groups; deepest layer first, MLP then attention (sequential), or all
     chosen layers' σ in one pass (joint)."""
     layers = decoder_layers(model)
     with torch.no_grad():
-        inputs = inputs_of_layers(model, stream, chosen)
+        inputs = walker.dense_inputs(chosen)
         grams = {}
         if spec.basis == "whitened":
             for index in chosen:
-                grams[index] = input_grams(
-                    layers[index], layer_linears(layers[index]), inputs[index], [kw[index] for kw in stream.layer_kwargs]
-                )
+                grams[index] = input_grams(walker, index, layer_linears(layers[index]), inputs[index])
     if options["schedule"] == "joint":
         groups = [[(index, names) for index in chosen for names in (MLP_LINEARS, ATTENTION_LINEARS)]]
     else:
@@ -251,9 +215,8 @@ def _attribution_layers(model, stream, chosen, spec, rho, builder, options, prog
             def step_progress(stage, done, total, label=label):
                 _report(progress, f"{label} {stage}", done, total)
 
-            sums = accumulated_sigma_gradients(
-                model, {key: value[3] for key, value in targets.items()}, start, inputs[start], stream, step_progress
-            )
+            bases = {key: value[3] for key, value in targets.items()}
+            sums = accumulated_sigma_gradients(walker, bases, start, inputs[start], step_progress)
             for key, (index, name, linear, basis) in targets.items():
                 scores = group_scores(basis, sums[key], options["score_metric"])
                 kept = top_indices(scores, low_rank_rank(linear.out_features, linear.in_features, rho))
@@ -266,7 +229,19 @@ def _attribution_layers(model, stream, chosen, spec, rho, builder, options, prog
             set_submodule(model, key, original)
 
 
-def _refit(model, stream, chosen, builder, scope, options, progress) -> dict:
+def _refit_targets(walker, chosen, scope):
+    """What the refit matches, from the dense model before any factor is installed: each chosen layer's
+    output on its dense input ("layer"), or the final normed states from the lowest chosen layer up."""
+    with torch.no_grad():
+        inputs = walker.dense_inputs(chosen)
+        if scope == "layer":
+            return {index: [walker.run_layer(index, h, batch) for batch, h in enumerate(inputs[index])]
+                    for index in chosen}, None
+        start = min(chosen)
+        return [walker.final_states(h, batch, start) for batch, h in enumerate(inputs[start])], inputs[start]
+
+
+def _refit(model, walker, chosen, builder, scope, options, progress) -> dict:
     """Refit the chosen layers' factors in place of the ones the builder holds (model restored after).
 
     scope "layer" (grasp-wr): each replaced layer matches the dense layer's output on the compressed model's
@@ -275,22 +250,7 @@ def _refit(model, stream, chosen, builder, scope, options, progress) -> dict:
     """
     from edgecompress.attribution.refit import refit_end_to_end, refit_layers
 
-    layers = decoder_layers(model)
-    start = min(chosen)
-    with torch.no_grad():  # targets from the dense model, before any factor is installed
-        inputs = inputs_of_layers(model, stream, chosen)
-        if scope == "layer":
-            targets = {
-                index: [layer_output(layers[index](h, **kw[index])) for h, kw in zip(inputs[index], stream.layer_kwargs)]
-                for index in chosen
-            }
-        else:
-            start_inputs = inputs[start]
-            finals = [
-                model.model.norm(run_layers(model, h, kw, start, len(layers)))
-                for h, kw in zip(start_inputs, stream.layer_kwargs)
-            ]
-    del inputs
+    targets, start_inputs = _refit_targets(walker, chosen, scope)
     installed = {}
 
     def report_progress(stage, done, total):
@@ -307,10 +267,10 @@ def _refit(model, stream, chosen, builder, scope, options, progress) -> dict:
                 )
         steps, lr = options["refit_steps"], options["refit_lr"]
         if scope == "layer":
-            report = refit_layers(model, stream, chosen, targets, steps, lr, progress=report_progress)
+            report = refit_layers(walker, chosen, targets, steps, lr, progress=report_progress)
             report = {str(index): values for index, values in report.items()}
         else:
-            report = refit_end_to_end(model, stream, chosen, start_inputs, finals, steps, lr, progress=report_progress)
+            report = refit_end_to_end(walker, chosen, start_inputs, targets, steps, lr, progress=report_progress)
         for key in installed:
             module = model.get_submodule(key)
             builder.factors[f"{key}.A"] = module.a.weight.detach().cpu().numpy().copy()
@@ -340,9 +300,9 @@ def _settings(method, spec, ratio, rho, options, chosen_rho=None) -> dict:
 def make_plan(
     model,
     calib: CalibrationSet,
-    method: str = "grasp",
+    method: str = DEFAULT_METHOD,
     ratio: float | None = 0.2,
-    rho: float = 0.9,
+    rho: float = DEFAULT_RHO,
     device: str = "cpu",
     progress=None,
     *,
@@ -365,36 +325,14 @@ def make_plan(
     parameters removed (k = floor(mn(1-rho)/(m+n))); methods over all layers solve their own rho.
     progress(stage, done, total) is called as work advances.
     """
-    if method not in METHODS:
-        raise EdgeCompressError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    spec = METHODS[method]
+    spec = check_method(method)
     if n_layers is None or spec.layers == "all":
         ratio = check_ratio(ratio)
-    if not 0.0 < rho < 1.0:
-        raise EdgeCompressError(f"rho must be strictly between 0 and 1, got {rho}")
-    if layer_selection not in LAYER_SELECTIONS or schedule not in SCHEDULES or whitening not in WHITENINGS:
-        raise EdgeCompressError(
-            f"layer_selection must be one of {LAYER_SELECTIONS}, schedule one of {SCHEDULES}, "
-            f"whitening one of {WHITENINGS}"
-        )
-    options = {
-        "n_layers": n_layers,
-        "layer_selection": layer_selection,
-        "schedule": schedule,
-        "score_metric": score_metric,
-        "rounding": rounding,
-        "protect_last_layer": protect_last_layer,
-        "batch_size": batch_size,
-        "jitter": jitter,
-        "whitening": whitening,
-    }
-    if METHODS[method].refit:
-        steps_default, lr_default = REFIT_DEFAULTS[METHODS[method].refit]
-        refit_steps = steps_default if refit_steps is None else refit_steps
-        refit_lr = lr_default if refit_lr is None else refit_lr
-        if refit_steps < 1 or not refit_lr > 0:
-            raise EdgeCompressError(f"refit needs refit_steps >= 1 and refit_lr > 0, got {refit_steps}, {refit_lr}")
-        options.update(refit_steps=refit_steps, refit_lr=refit_lr)
+    rho = check_rho(rho)
+    options = _checked_options(spec, n_layers=n_layers, layer_selection=layer_selection, schedule=schedule,
+                               score_metric=score_metric, rounding=rounding, protect_last_layer=protect_last_layer,
+                               batch_size=batch_size, jitter=jitter, whitening=whitening, refit_steps=refit_steps,
+                               refit_lr=refit_lr)
     started = time.perf_counter()
     model_hash = model_weights_hash(model)
     original_device = next(model.parameters()).device
@@ -415,24 +353,30 @@ def make_plan(
     return plan
 
 
+def _checked_options(spec: MethodSpec, refit_steps, refit_lr, **options) -> dict:
+    """The method's options, every one checked before any pass over the data; refit defaults filled in."""
+    if (options["layer_selection"] not in LAYER_SELECTIONS or options["schedule"] not in SCHEDULES
+            or options["whitening"] not in WHITENINGS):
+        raise EdgeCompressError(
+            f"layer_selection must be one of {LAYER_SELECTIONS}, schedule one of {SCHEDULES}, "
+            f"whitening one of {WHITENINGS}"
+        )
+    check_score_metric(options["score_metric"])
+    if spec.refit:
+        steps_default, lr_default = REFIT_DEFAULTS[spec.refit]
+        refit_steps = steps_default if refit_steps is None else refit_steps
+        refit_lr = lr_default if refit_lr is None else refit_lr
+        if refit_steps < 1 or not refit_lr > 0:
+            raise EdgeCompressError(f"refit needs refit_steps >= 1 and refit_lr > 0, got {refit_steps}, {refit_lr}")
+        options.update(refit_steps=refit_steps, refit_lr=refit_lr)
+    return options
+
+
 def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> CompressionPlan:
     layers = decoder_layers(model)
-    prefix = layer_prefix(model)
     dense_total = sum(p.numel() for p in model.parameters())
-    needs_data = not (spec.layers == "all" and spec.basis == "weight")
-    scores = None
-    stream = None
-    if needs_data:
-        input_ids = calib.input_ids.to(next(model.parameters()).device)
-        stream_bytes = input_ids.numel() * model.config.hidden_size * 4 * len(layers)
-        scores = layer_scores(
-            model,
-            input_ids,
-            options["batch_size"],
-            progress=lambda s, d, t: _report(progress, "layer scores", d, t),
-            keep_inputs=spec.action == "replace" and stream_bytes <= LAYER_INPUT_CACHE_BYTES,
-        )
-        stream = scores.stream
+    scores = _layer_scores(model, calib, spec, options, progress)
+    walker = LayerWalker(model, scores.stream) if scores is not None else None
     chosen_rho = None
     if spec.layers == "all":
         chosen = list(range(len(layers)))
@@ -440,36 +384,52 @@ def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> Com
         chosen_rho = rho = uniform_rho_for_ratio(shapes, dense_total, ratio)
     else:
         chosen = _choose_layers(model, scores, spec, ratio, rho, dense_total, options)
-    builder = _PlanBuilder(prefix)
+    builder = _PlanBuilder(layer_prefix(model))
     removed = 0
     if spec.action == "remove":
         removed = sum(p.numel() for index in chosen for p in layers[index].parameters())
     elif spec.selection == "largest":
-        _largest_sigma_layers(model, stream, chosen, spec, rho, builder, options, progress)
+        _largest_sigma_layers(model, walker, chosen, spec, rho, builder, options, progress)
     else:
-        _attribution_layers(model, stream, chosen, spec, rho, builder, options, progress)
-    refit_report = _refit(model, stream, chosen, builder, spec.refit, options, progress) if spec.refit else None
-    action = "remove" if spec.action == "remove" else "replace"
-    layer_plans = [
-        LayerPlan(
-            index=i,
-            name=f"{prefix}.{i}",
-            action=action if i in chosen else "keep",
-            linears=sorted(builder.linears.get(i, []), key=lambda lin: lin.name),
-        )
-        for i in range(len(layers))
-    ]
-    saved = removed + builder.saved
+        _attribution_layers(model, walker, chosen, spec, rho, builder, options, progress)
     plan_scores = {}
-    if refit_report is not None:
-        plan_scores["refit"] = refit_report
+    if spec.refit:
+        plan_scores["refit"] = _refit(model, walker, chosen, builder, spec.refit, options, progress)
     if scores is not None:
         plan_scores["block_influence"] = scores.block_influence
         if options["layer_selection"] == "angular" and spec.layers == "chosen":
             plan_scores["angular_distance"] = {"block_size": len(chosen), "values": scores.angular_distances(len(chosen))}
+    settings = _settings(method, spec, ratio, rho if chosen_rho is None else None, options, chosen_rho)
+    return _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio)
+
+
+def _layer_scores(model, calib, spec, options, progress) -> LayerScores | None:
+    """One recorded forward pass (BI, angular states, the layer stream), unless the method needs no data;
+    every layer's input is cached when it fits (LAYER_INPUT_CACHE_BYTES)."""
+    if spec.layers == "all" and spec.basis == "weight":
+        return None
+    input_ids = calib.input_ids.to(next(model.parameters()).device)
+    stream_bytes = input_ids.numel() * model.config.hidden_size * 4 * len(decoder_layers(model))
+    return layer_scores(
+        model, input_ids, options["batch_size"],
+        progress=lambda s, d, t: _report(progress, "layer scores", d, t),
+        keep_inputs=spec.action == "replace" and stream_bytes <= LAYER_INPUT_CACHE_BYTES,
+    )
+
+
+def _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio):
+    layers = decoder_layers(model)
+    dense_total = sum(p.numel() for p in model.parameters())
+    action = "remove" if spec.action == "remove" else "replace"
+    layer_plans = [
+        LayerPlan(index=i, name=f"{builder.prefix}.{i}", action=action if i in chosen else "keep",
+                  linears=sorted(builder.linears.get(i, []), key=lambda lin: lin.name))
+        for i in range(len(layers))
+    ]
+    saved = removed + builder.saved
     return CompressionPlan(
         method=method,
-        settings=_settings(method, spec, ratio, rho if chosen_rho is None else None, options, chosen_rho),
+        settings=settings,
         layers=layer_plans,
         scores=plan_scores,
         params={
@@ -482,10 +442,6 @@ def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> Com
         },
         model_hash="",
         calibration=calib.describe(),
-        model={
-            "architecture": type(model).__name__,
-            "num_hidden_layers": len(layers),
-            "layer_prefix": prefix,
-        },
+        model={"architecture": type(model).__name__, "num_hidden_layers": len(layers), "layer_prefix": builder.prefix},
         factors=builder.factors,
     )

@@ -1,10 +1,12 @@
 """Export a Hugging Face decoder to ONNX with a flat KV cache, through torch.onnx's dynamo exporter.
 
-The exported I/O follows the names onnxruntime-genai and optimum use, so the folder drops into those
-runtimes unchanged:
+The exported I/O follows `edgecompress.contract` (the names onnxruntime-genai and optimum use), so
+the folder drops into those runtimes unchanged:
   inputs  input_ids [batch, seq], attention_mask [batch, total], position_ids [batch, seq],
           past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
   outputs logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, total, head_dim]
+The export stays in memory as an onnx-ir model, so the graph passes run on it before anything is
+written; `save_model` writes the artifact's model files once.
 """
 
 from __future__ import annotations
@@ -15,29 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgecompress.errors import EdgeCompressError
-
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-
-# Symbolic dimension names written on the graph I/O (the exporter's own are s0, s1, ...).
-BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-
-
-def kv_input_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def kv_output_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids", *kv_input_names(num_layers)]
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits", *kv_output_names(num_layers)]
+from edgecompress import contract
+from edgecompress.contract import BATCH, DATA_FILE, MODEL_FILE, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
+from edgecompress.errors import EdgeCompressError, first_line
 
 
 def kv_geometry(config: Any) -> tuple[int, int, int]:
@@ -92,8 +74,8 @@ def sample_inputs(config: Any, batch: int = 2, seq: int = 3, past: int = 4):
     return (input_ids, attention_mask, position_ids, *kv)
 
 
-def export_onnx(model: Any, out_dir: Path, opset: int = 18) -> dict[str, Any]:
-    """Export `model` (fp32, eval) into out_dir/model.onnx + model.onnx.data. Returns export facts."""
+def export_onnx(model: Any, opset: int = 18) -> tuple[Any, dict[str, Any]]:
+    """Export `model` (fp32, eval) to an in-memory onnx-ir model; returns it with the export facts."""
     import torch
 
     num_layers = model.config.num_hidden_layers
@@ -101,12 +83,12 @@ def export_onnx(model: Any, out_dir: Path, opset: int = 18) -> dict[str, Any]:
     # One named Dim per meaning, shared by every input that has it: with independent DYNAMIC dims the
     # key and value caches get different symbols, and onnxscript's attention fusion then refuses to
     # match because it cannot prove the key and value lengths equal.
-    batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQ)
-    past, total = torch.export.Dim(PAST), torch.export.Dim(TOTAL)
+    batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
+    past, total = torch.export.Dim(PAST_SEQUENCE), torch.export.Dim(TOTAL_SEQUENCE)
     dynamic_shapes = {
-        "input_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total},
-        "position_ids": {0: batch, 1: seq},
+        contract.INPUT_IDS: {0: batch, 1: seq},
+        contract.ATTENTION_MASK: {0: batch, 1: total},
+        contract.POSITION_IDS: {0: batch, 1: seq},
         "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers)),
     }
     started = time.perf_counter()
@@ -118,22 +100,17 @@ def export_onnx(model: Any, out_dir: Path, opset: int = 18) -> dict[str, Any]:
                 sample_inputs(model.config),
                 dynamo=True,  # torch 2.13 has no silent fallback to the TorchScript exporter
                 opset_version=opset,
-                input_names=input_names(num_layers),
-                output_names=output_names(num_layers),
+                input_names=contract.input_names(num_layers),
+                output_names=contract.output_names(num_layers),
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,
             )
         except Exception as exc:  # torch.export raises many kinds; the user needs the first line
-            raise EdgeCompressError(f"torch.onnx dynamo export failed: {str(exc).strip().splitlines()[0]}") from exc
-    _name_io_dims(program.model, num_layers)
+            raise EdgeCompressError(f"torch.onnx dynamo export failed: {first_line(exc)}") from exc
+    _name_io_dims(program.model)
     program.model.producer_name = "edgecompress"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    program.save(str(out_dir / MODEL_FILE), external_data=True)
-    data = out_dir / DATA_FILE
-    if not data.exists():  # the exporter names the data file after the model; we promise this name
-        raise EdgeCompressError(f"exporter did not write {DATA_FILE}")
-    return {
+    return program.model, {
         "exporter": f"torch.onnx.export(dynamo=True) torch {torch.__version__}",
         "opset": opset,
         "seconds": round(time.perf_counter() - started, 2),
@@ -141,35 +118,52 @@ def export_onnx(model: Any, out_dir: Path, opset: int = 18) -> dict[str, Any]:
     }
 
 
-def _name_io_dims(model: Any, num_layers: int) -> None:
+def save_model(model: Any, folder: Path) -> None:
+    """Write folder/model.onnx with every weight in folder/model.onnx.data (the contract's names)."""
+    import onnx_ir as ir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ir.save(model, str(folder / MODEL_FILE), external_data=DATA_FILE)
+
+
+def kv_layers(model: Any) -> int:
+    """Decoder layers the graph keeps: one past key input each."""
+    return sum(1 for value in model.graph.inputs if contract.PAST_INPUT.match(value.name or "")) // 2
+
+
+def _name_io_dims(model: Any) -> None:
     """Give graph I/O readable symbolic dims, the names onnxruntime-genai's own builder uses."""
     import onnx_ir as ir
 
     graph = model.graph
     for value in graph.inputs:
         dims = list(value.shape)
-        if value.name in ("input_ids", "position_ids"):
-            dims = [BATCH, SEQ]
-        elif value.name == "attention_mask":
-            dims = [BATCH, TOTAL]
+        if value.name in (contract.INPUT_IDS, contract.POSITION_IDS):
+            dims = [BATCH, SEQUENCE]
+        elif value.name == contract.ATTENTION_MASK:
+            dims = [BATCH, TOTAL_SEQUENCE]
         else:
-            dims = [BATCH, dims[1], PAST, dims[3]]
+            dims = [BATCH, dims[1], PAST_SEQUENCE, dims[3]]
         value.shape = ir.Shape(dims)
     for value in graph.outputs:
         dims = list(value.shape)
-        if value.name == "logits":
-            dims = [BATCH, SEQ, dims[2]]
+        if value.name == contract.LOGITS:
+            dims = [BATCH, SEQUENCE, dims[2]]
         else:
-            dims = [BATCH, dims[1], TOTAL, dims[3]]
+            dims = [BATCH, dims[1], TOTAL_SEQUENCE, dims[3]]
         value.shape = ir.Shape(dims)
 
 
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def genai_config(config: Any, generation_config: Any, tokenizer: Any) -> dict[str, Any]:
-    """genai_config.json for onnxruntime-genai; search settings come from the generation config."""
-    num_layers, kv_heads, head_dim = kv_geometry(config)
+def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers: int | None = None) -> dict[str, Any]:
+    """genai_config.json for onnxruntime-genai; search settings come from the generation config.
+
+    `num_layers`: the decoder layers the graph keeps (fewer than the config's after layer removal).
+    Long only because it is one literal: the file's whole layout, readable as it will be written."""
+    config_layers, kv_heads, head_dim = kv_geometry(config)
+    num_layers = config_layers if num_layers is None else num_layers
     gen = generation_config
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
@@ -200,16 +194,16 @@ def genai_config(config: Any, generation_config: Any, tokenizer: Any) -> dict[st
                 "num_key_value_heads": kv_heads,
                 "num_hidden_layers": num_layers,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
+                    "input_ids": contract.INPUT_IDS,
+                    "attention_mask": contract.ATTENTION_MASK,
+                    "position_ids": contract.POSITION_IDS,
+                    "past_key_names": contract.KV_NAMES["past_key"],
+                    "past_value_names": contract.KV_NAMES["past_value"],
                 },
                 "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
+                    "logits": contract.LOGITS,
+                    "present_key_names": contract.KV_NAMES["present_key"],
+                    "present_value_names": contract.KV_NAMES["present_value"],
                 },
             },
         },
@@ -231,19 +225,21 @@ def genai_config(config: Any, generation_config: Any, tokenizer: Any) -> dict[st
     }
 
 
-def write_sidecar_files(out_dir: Path, loaded: Any) -> list[str]:
-    """genai_config.json, config.json, generation_config.json, tokenizer files and chat template."""
+def write_sidecar_files(out_dir: Path, loaded: Any, num_layers: int | None = None) -> list[str]:
+    """genai_config.json, config.json, generation_config.json, tokenizer files and chat template.
+
+    `num_layers`: the decoder layers the graph keeps, for genai_config.json (default: the config's)."""
     tokenizer = loaded.tokenizer
-    (out_dir / "genai_config.json").write_text(
-        json.dumps(genai_config(loaded.config, loaded.generation_config, tokenizer), indent=2) + "\n"
-    )
-    loaded.config.to_json_file(str(out_dir / "config.json"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    genai = genai_config(loaded.config, loaded.generation_config, tokenizer, num_layers)
+    (out_dir / contract.GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n")
+    loaded.config.to_json_file(str(out_dir / contract.CONFIG_FILE))
     if loaded.generation_config is not None:
-        loaded.generation_config.to_json_file(str(out_dir / "generation_config.json"))
+        loaded.generation_config.to_json_file(str(out_dir / contract.GENERATION_CONFIG_FILE))
     tokenizer.save_pretrained(str(out_dir))
     template = getattr(tokenizer, "chat_template", None)
-    if template and not (out_dir / "chat_template.jinja").exists():
-        (out_dir / "chat_template.jinja").write_text(template)
-    if not (out_dir / "tokenizer.json").exists():
-        raise EdgeCompressError("the tokenizer has no fast (tokenizer.json) form; the artifact needs one")
+    if template and not (out_dir / contract.CHAT_TEMPLATE_FILE).exists():
+        (out_dir / contract.CHAT_TEMPLATE_FILE).write_text(template)
+    if not (out_dir / contract.TOKENIZER_FILE).exists():
+        raise EdgeCompressError(f"the tokenizer has no fast ({contract.TOKENIZER_FILE}) form; the artifact needs one")
     return sorted(p.name for p in out_dir.iterdir())

@@ -1,19 +1,29 @@
-"""The one place that knows the order of the stages: resolve → load → export → verify → write."""
+"""The one place that knows the order of the stages:
+
+  resolve and check everything → load → [calibrate → attribute | reuse a plan] → export → [passes]
+  → save → [reference] → verify → [optimize → verify-optimized] → [evaluate] → write
+
+Every stage takes plain inputs and returns a value; the graph stages run on one in-memory model and
+save once. With an optimized build (int8/int4 weights or fusions) the verified fp32 export lives in a
+hidden work folder beside OUT, read-only, as the reference of the optimized artifact, and is removed
+afterwards; the artifact is assembled in a staging folder renamed into place only at the end.
+"""
 
 from __future__ import annotations
 
 import json
-import platform
-import resource
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from edgecompress import __version__, artifact, models, profiles
+from edgecompress import __version__, artifact, contract, models, profiles
 from edgecompress.errors import EdgeCompressError
+from edgecompress.options import DEFAULT_EVAL_WINDOWS, EVAL_SEQ_LEN, BuildOptions, CompressOptions, WeightFormats
+from edgecompress.options import resolve_formats
+from edgecompress.profiles import BUILT_DTYPES, TargetProfile
 
 
 class Progress:
@@ -25,43 +35,14 @@ class Progress:
 
     def stage_finished(self, name: str, seconds: float) -> None: ...
 
-
-@dataclass
-class CompressOptions:
-    """How to compress; the plan it leads to is saved in the artifact's plan/ folder."""
-
-    method: str = "grasp"
-    ratio: float | None = None  # fraction of ALL parameters removed, embeddings included
-    plan: Path | None = None  # reuse a saved plan: skips calibration and attribution
-    calibration: str | None = None  # text file, hf:dataset spec; default WikiText-2 validation
-    calib_sequences: int = 16
-    calib_seq_len: int = 512
-    seed: int = 0
-    rho: float = 0.9
-    device: str = "cpu"
-
-
-@dataclass
-class BuildOptions:
-    model: str | None = None
-    target: str | None = None
-    out: Path | None = None
-    force: bool = False
-    revision: str | None = None
-    trust_remote_code: bool = False
-    compress: CompressOptions | None = None
-    # WikiText-2 test windows for the artifact's perplexity in the report; None: 40 for compressed or
-    # low-bit builds and none for plain fp32 ones; 0: never.
-    eval_limit: int | None = None
-    weights: str | None = None  # fp32 | int8 | int4; None: the target's default
-    block_size: int | None = None  # MatMulNBits block along K; None: the target's default
-    fuse: bool | None = None  # onnxruntime contrib-op fusions; None: the target's default
+    def warning(self, message: str) -> None: ...
 
 
 @dataclass
 class StageClock:
     progress: Progress
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[Callable[[str], None]]:
@@ -71,6 +52,22 @@ class StageClock:
         self.timings[name] = round(time.perf_counter() - started, 2)
         self.progress.stage_finished(name, self.timings[name])
 
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.progress.warning(message)
+
+
+@dataclass
+class BuildInputs:
+    """Everything resolved and checked before the first expensive step."""
+
+    profile: TargetProfile
+    formats: WeightFormats
+    out: Path
+    source: models.ModelSource
+    saved_plan: Any  # a CompressionPlan to reuse, or None
+    eval_text: Any  # a TextSource, a NoText (evaluation skipped, with the reason), or None (not asked)
+
 
 def default_out(model_spec: str | None, target: str) -> Path:
     stem = Path(model_spec or models.DEFAULT_MODEL).name
@@ -78,115 +75,71 @@ def default_out(model_spec: str | None, target: str) -> Path:
     return Path("out") / f"{stem.replace('/', '--')}-{target}"
 
 
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
-def machine() -> dict[str, Any]:
-    import os
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+def session_options(profile: TargetProfile) -> dict[str, Any]:
+    """onnxruntime settings for verification and evaluation: the target's providers present here, its threads."""
+    return {"providers": profile.providers, "threads": profile.threads}
 
 
 def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Build and verify one artifact. Everything is validated before the first expensive step."""
-    from edgecompress import export, verify
-
     clock = StageClock(progress or Progress())
     started = time.perf_counter()
-    profile = profiles.load_profile(options.target)
-    if profile["device"] != "cpu":
-        raise EdgeCompressError(
-            f"target '{profile['name']}' needs a {profile['device']} build, which this version does not "
-            f"produce yet; use --target cpu-x86"
-        )
-    out = Path(options.out) if options.out else default_out(options.model, profile["name"])
-    artifact.check_destination(out, options.force)
-    source = models.resolve(options.model, options.revision, options.trust_remote_code)
-    compression = options.compress
-    saved_plan = _check_compress_options(compression) if compression else None
-    formats = _weight_options(options, profile)
-
+    inputs = prepare(options)
     with clock.stage("load") as note:
-        note(f"{source.spec} ({source.kind})")
-        loaded = models.load(source)
-
-    plan = _plan_stage(clock, loaded, compression, saved_plan) if compression else None
-
-    with artifact.staged_folder(out, options.force) as staging:
-        with clock.stage("export"):
-            export_info = export.export_onnx(loaded.model, staging)
-            export.write_sidecar_files(staging, loaded)
-        if plan is not None:
-            with clock.stage("passes") as note:
-                from edgecompress import transform
-                from edgecompress.apply_plan import apply_plan
-
-                note(f"{len(plan.replaced_layers)} layers replaced, {len(plan.removed_layers)} removed")
-                export_info["passes"] = transform.apply_plan_to_artifact(staging, plan)
-                plan.save(staging / "plan")
-                apply_plan(loaded.model, plan, check_hash=False)  # the reference for verification
-        with clock.stage("verify") as note:
-            tolerances = verify.Tolerances.from_profile(profile)
-            verification = verify.verify(staging, loaded.model, loaded.tokenizer, tolerances, note)
-        with _fp32_reference(staging, formats) as reference:
-            if reference is not None:
-                export_info["optimize"] = _optimize_stage(clock, staging, formats, source)
-                with clock.stage("verify-optimized") as note:
-                    from edgecompress.verify_optimized import verify_against_reference
-
-                    verification["optimized"] = verify_against_reference(
-                        staging, reference, verify.prompt_ids(loaded.tokenizer), formats["weights"], profile, note
-                    )
-            evaluation = _evaluate_stage(clock, staging, options, reference, formats["weights"] != "fp32")
-        with clock.stage("write"):
-            report = {
-                "edgecompress": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "source": source.describe(),
-                "model": loaded.info,
-                "target": {k: v for k, v in profile.items() if k != "verify"},
-                "weights": formats,
-                "export": export_info,
-                "compression": _plan_summary(plan) if plan is not None else None,
-                "evaluation": evaluation,
-                "verification": verification,
-                "files": sorted(p.name for p in staging.iterdir()),
-                "manifest": artifact.manifest(staging),
-            }
-            report["size_bytes"] = sum(entry["bytes"] for entry in report["manifest"].values())
-            report["timings_s"] = clock.timings
-            report["total_seconds"] = round(time.perf_counter() - started, 2)
-            report["peak_rss_mb"] = peak_rss_mb()
-            report["machine"] = machine()
-            (staging / artifact.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    report["path"] = str(out)
+        note(f"{inputs.source.spec} ({inputs.source.kind})")
+        loaded = models.load(inputs.source)
+    plan = plan_stage(clock, loaded, options.compress, inputs.saved_plan) if options.compress else None
+    with artifact.staged_folder(inputs.out, options.force) as staging:
+        # The fp32 export is the artifact itself, or, for an optimized build, its read-only reference.
+        export_folder = artifact.work_folder(staging, "fp32") if inputs.formats.optimized else nullcontext(staging)
+        with export_folder as fp32:
+            export_info = export_stage(clock, loaded, plan, fp32)
+            verification = verify_stage(clock, fp32, loaded, plan, inputs.profile)
+            if inputs.formats.optimized:
+                export_info["optimize"] = optimize_stage(clock, fp32, staging, inputs)
+                verification["optimized"] = verify_optimized_stage(clock, staging, fp32, loaded, verification, inputs)
+            evaluation = evaluate_stage(clock, staging, options, inputs, fp32 if inputs.formats.optimized else None)
+        report = write_stage(clock, staging, inputs, loaded, plan, export_info, verification, evaluation, started)
+    report["path"] = str(inputs.out)
     return report
 
 
-def _check_compress_options(compression: CompressOptions):
-    """Everything about compression that can be refused before the model is loaded."""
-    from edgecompress.compress import METHODS
-    from edgecompress.plan import CompressionPlan, check_ratio
+def prepare(options: BuildOptions) -> BuildInputs:
+    """Target, formats, destination, model source, compression options, evaluation text: refused early."""
+    options.validate()
+    profile = profiles.load_profile(options.target)
+    if profile.device != "cpu" or profile.dtype not in BUILT_DTYPES:
+        raise EdgeCompressError(
+            f"target '{profile.name}' needs a {profile.device} {profile.dtype} build, which this version does not "
+            f"produce yet; use --target cpu-x86"
+        )
+    formats = resolve_formats(options, profile)
+    out = Path(options.out) if options.out else default_out(options.model, profile.name)
+    artifact.check_destination(out, options.force)
+    source = models.resolve(options.model, options.revision, options.trust_remote_code)
+    saved_plan = None
+    if options.compress is not None and options.compress.plan is not None:
+        from edgecompress.plan import CompressionPlan
 
-    if compression.plan is not None:
-        return CompressionPlan.load(compression.plan)
-    if compression.method not in METHODS:
-        raise EdgeCompressError(f"unknown method '{compression.method}'; use one of {', '.join(METHODS)}")
-    if compression.ratio is None:
-        raise EdgeCompressError("compression needs --ratio (fraction of all parameters to remove) or --plan")
-    check_ratio(compression.ratio)
-    if not 0.0 < compression.rho < 1.0:
-        raise EdgeCompressError(f"--rho must be strictly between 0 and 1, got {compression.rho}")
-    return None
+        saved_plan = CompressionPlan.load(options.compress.plan)
+    return BuildInputs(profile, formats, out, source, saved_plan, _evaluation_text(options, formats))
 
 
-def _plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_plan):
+def _evaluation_text(options: BuildOptions, formats: WeightFormats):
+    if _eval_windows(options, formats) == 0:
+        return None
+    from edgecompress.runtimes import text_sources
+
+    return text_sources.resolve(options.eval_data, text_sources.EVALUATION)
+
+
+def _eval_windows(options: BuildOptions, formats: WeightFormats) -> int:
+    if options.eval_limit is not None:
+        return options.eval_limit
+    return DEFAULT_EVAL_WINDOWS if options.compress or formats.weights != "fp32" else 0
+
+
+def plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_plan):
     """Calibrate and attribute (PyTorch only), or check that a saved plan belongs to this model."""
     from edgecompress.plan import model_weights_hash
 
@@ -195,14 +148,15 @@ def _plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_p
             note(f"reusing {compression.plan}")
             saved_plan.verify_hash(model_weights_hash(loaded.model))
         return saved_plan
-    from edgecompress.calibrate import build_calibration, default_wikitext_dir
+    from edgecompress.calibrate import build_calibration
     from edgecompress.compress import make_plan
 
-    source = compression.calibration or str(default_wikitext_dir() / "wiki.valid.tokens")
     with clock.stage("calibrate") as note:
-        note(f"{compression.calib_sequences} x {compression.calib_seq_len} tokens from {source}")
+        note(f"{compression.calib_sequences} x {compression.calib_seq_len} tokens from "
+             f"{compression.calibration or 'the default calibration text'}")
         calib = build_calibration(
-            source, loaded.tokenizer, compression.calib_sequences, compression.calib_seq_len, compression.seed
+            compression.calibration, loaded.tokenizer, compression.calib_sequences, compression.calib_seq_len,
+            compression.seed, model=loaded.model, generation_config=loaded.generation_config, warn=clock.warn,
         )
     with clock.stage("attribute") as note:
 
@@ -210,111 +164,138 @@ def _plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_p
             note(f"{compression.method}: {stage} {done}/{total}")
 
         return make_plan(
-            loaded.model, calib, compression.method, compression.ratio, compression.rho,
-            compression.device, progress,
+            loaded.model, calib, compression.method, compression.ratio, compression.rho, compression.device, progress
         )
+
+
+def export_stage(clock: StageClock, loaded, plan, folder: Path) -> dict[str, Any]:
+    """Trace to an in-memory graph, apply the plan's passes to it, and save it once with its sidecar files."""
+    from edgecompress import export, graph_stages
+
+    with clock.stage("export"):
+        model, info = export.export_onnx(loaded.model)
+    if plan is not None:
+        with clock.stage("passes") as note:
+            note(f"{len(plan.replaced_layers)} layers replaced, {len(plan.removed_layers)} removed")
+            info["passes"] = graph_stages.run_stage(model, graph_stages.plan_passes(plan))
+    with clock.stage("save"):
+        export.save_model(model, folder)
+        export.write_sidecar_files(folder, loaded, export.kv_layers(model))
+        if plan is not None:
+            plan.save(folder / contract.PLAN_DIR)
+    return info
+
+
+def verify_stage(clock: StageClock, folder: Path, loaded, plan, profile: TargetProfile) -> dict[str, Any]:
+    """The fp32 export against PyTorch; for a compressed build, PyTorch with the same plan applied."""
+    from edgecompress import verify
+
+    if plan is not None:
+        from edgecompress.apply_plan import apply_plan
+
+        with clock.stage("reference") as note:
+            note("PyTorch with the plan applied")
+            apply_plan(loaded.model, plan, check_hash=False)
+    with clock.stage("verify") as note:
+        return verify.verify(folder, loaded.model, loaded.tokenizer, verify.Tolerances.from_profile(profile), note,
+                             **session_options(profile))
+
+
+def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildInputs) -> dict[str, Any]:
+    """Low-bit weights (GGUF blocks kept exactly where they map), then fusions: one load, one save."""
+    from edgecompress import export, graph_stages
+
+    formats, source = inputs.formats, inputs.source
+    with clock.stage("optimize") as note:
+        gguf = None
+        if formats.weights != "fp32" and source.gguf_file:
+            from edgecompress.gguf_blocks import exact_blocks
+
+            note(f"{formats.weights} weights (GGUF blocks kept exactly)")
+            gguf = exact_blocks(Path(source.location) / source.gguf_file, formats.weights)
+        else:
+            note(f"{formats.weights} weights" + (", onnxruntime fusions" if formats.fuse else ""))
+        model = graph_stages.load_model(fp32)
+        report = graph_stages.run_stage(model, graph_stages.optimize_passes(formats, gguf))
+        export.save_model(model, staging)
+        artifact.copy_sidecar_files(fp32, staging)
+    return report
+
+
+def verify_optimized_stage(clock: StageClock, staging: Path, fp32: Path, loaded, verification: dict,
+                           inputs: BuildInputs) -> dict[str, Any]:
+    from edgecompress import verify
+
+    with clock.stage("verify-optimized") as note:
+        return verify.verify_optimized(
+            staging, fp32, verify.prompt_ids(loaded.tokenizer), verification["greedy"]["onnxruntime"],
+            inputs.formats.weights, inputs.profile, note, **session_options(inputs.profile),
+        )
+
+
+def evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions, inputs: BuildInputs,
+                   fp32: Path | None) -> dict[str, Any] | None:
+    """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed or
+    low-bit builds), and of the fp32 export beside it when the graph was optimized after export."""
+    from edgecompress.runtimes import text_sources
+
+    limit = _eval_windows(options, inputs.formats)
+    if limit <= 0:
+        return None
+    if isinstance(inputs.eval_text, text_sources.NoText):
+        return {"skipped": f"{inputs.eval_text.reason}; pass --eval-data or set {text_sources.DATA_ENV} "
+                           f"(or --eval-limit 0)"}
+    from edgecompress.runtimes.perplexity import perplexity
+
+    def measure(folder: Path) -> dict[str, Any]:
+        result = perplexity(folder, inputs.eval_text, seq_len=EVAL_SEQ_LEN, limit=limit,
+                            **session_options(inputs.profile))
+        result.pop("artifact")  # a staging path, meaningless once renamed
+        result.pop("window_nll")
+        return result
+
+    with clock.stage("evaluate") as note:
+        note(f"perplexity on {inputs.eval_text.description}, {limit} windows of {EVAL_SEQ_LEN} tokens")
+        result = measure(staging)
+        if fp32 is not None:
+            note("the same windows on the fp32 export")
+            reference = measure(fp32)
+            result["fp32_export"] = {"perplexity": reference["perplexity"], "seconds": reference.get("seconds")}
+            result["ratio_to_fp32"] = round(result["perplexity"] / reference["perplexity"], 5)
+    return result
+
+
+def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, plan, export_info: dict,
+                verification: dict, evaluation: dict | None, started: float) -> dict[str, Any]:
+    """report.json: how it was built, verification, timings, and the manifest of every other file."""
+    from edgecompress.report import machine_description, peak_rss_mb
+
+    with clock.stage("write"):
+        report = {
+            "edgecompress": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": inputs.source.describe(),
+            "model": loaded.info,
+            "target": inputs.profile.describe(),
+            "weights": inputs.formats.as_dict(),
+            "export": export_info,
+            "compression": _plan_summary(plan) if plan is not None else None,
+            "evaluation": evaluation,
+            "verification": verification,
+            "warnings": clock.warnings,
+            "files": sorted(p.name for p in staging.iterdir()),
+            "manifest": artifact.manifest(staging),
+        }
+        report["size_bytes"] = sum(entry["bytes"] for entry in report["manifest"].values())
+        report["timings_s"] = clock.timings
+        report["total_seconds"] = round(time.perf_counter() - started, 2)
+        report["peak_rss_mb"] = peak_rss_mb()
+        report["machine"] = machine_description()
+        (staging / contract.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def _plan_summary(plan) -> dict[str, Any]:
     data = plan.to_json_dict()
     data.pop("factors_file", None)
     return data
-
-
-def _evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions, reference: Path | None, low_bit: bool):
-    """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed or
-    low-bit builds), and of the fp32 export beside it when the graph was optimized after export."""
-    limit = options.eval_limit
-    if limit is None:
-        limit = 40 if options.compress or low_bit else 0
-    if limit <= 0:
-        return None
-    from edgecompress.runtimes.perplexity import default_data, perplexity
-
-    if default_data() is None:
-        return {"skipped": "WikiText-2 test split not found (pass --eval-limit 0 or run `edgecompress eval`)"}
-
-    def measure(folder: Path) -> dict[str, Any]:
-        result = perplexity(folder, limit=limit)
-        result.pop("artifact")  # a staging path, meaningless once renamed
-        result.pop("window_nll")
-        return result
-
-    with clock.stage("evaluate") as note:
-        note(f"WikiText-2 perplexity, {limit} windows of 512 tokens")
-        result = measure(staging)
-        if reference is not None:
-            note("the same windows on the fp32 export")
-            fp32 = measure(reference)
-            result["fp32_export"] = {"perplexity": fp32["perplexity"], "seconds": fp32.get("seconds")}
-            result["ratio_to_fp32"] = round(result["perplexity"] / fp32["perplexity"], 5)
-    return result
-
-
-def _weight_options(options: BuildOptions, profile: dict[str, Any]) -> dict[str, Any]:
-    """Weight format, block size and fusion from the options or the target's defaults; refused early."""
-    from edgecompress.passes.quantize_weights import check_format
-    from edgecompress.weights import WEIGHT_FORMATS
-
-    weights = options.weights or profile.get("weights", "fp32")
-    supported = profile.get("weight_formats", ["fp32"])
-    if weights not in WEIGHT_FORMATS + ("fp16",):
-        raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(WEIGHT_FORMATS + ('fp16',))}")
-    if weights not in supported:
-        raise EdgeCompressError(
-            f"target '{profile['name']}' cannot run {weights} weights; it supports {', '.join(supported)}"
-        )
-    if weights == "fp16":  # listed for GPU profiles; no bundled profile builds it yet
-        raise EdgeCompressError("fp16 weights are not implemented in this version; use fp32, int8 or int4")
-    block_size = int(options.block_size or profile.get("block_size", 32))
-    accuracy_level = profile.get("accuracy_level", 4)
-    if weights != "fp32":
-        check_format(4 if weights == "int4" else 8, block_size, accuracy_level)
-    fuse = options.fuse
-    if fuse is None:  # the target's default: true, false, or "low-bit" (fused whenever weights are int8/int4)
-        default = profile.get("fuse", "low-bit")
-        fuse = weights != "fp32" if default == "low-bit" else default
-    if not isinstance(fuse, bool):
-        raise EdgeCompressError(f"target '{profile['name']}' has fuse = {fuse!r}; use true, false or \"low-bit\"")
-    return {"weights": weights, "block_size": block_size, "accuracy_level": accuracy_level, "fuse": fuse}
-
-
-@contextmanager
-def _fp32_reference(staging: Path, formats: dict[str, Any]) -> Iterator[Path | None]:
-    """A copy of the verified fp32 export beside the staging folder, for as long as the build needs it.
-
-    A real copy, not hard links: onnx-ir refuses external data files with more than one link.
-    """
-    import shutil
-    import tempfile
-
-    if formats["weights"] == "fp32" and not formats["fuse"]:
-        yield None
-        return
-    folder = Path(tempfile.mkdtemp(prefix=".fp32-", dir=staging.parent))
-    try:
-        for entry in staging.iterdir():
-            if entry.is_file():
-                shutil.copy2(entry, folder / entry.name)
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _optimize_stage(clock: StageClock, staging: Path, formats: dict[str, Any], source) -> dict[str, Any]:
-    """Low-bit weights first (GGUF blocks kept exactly where they map), then onnxruntime fusions."""
-    from edgecompress.weights import fuse_artifact, quantize_artifact
-
-    counts: dict[str, Any] = {}
-    with clock.stage("optimize") as note:
-        if formats["weights"] != "fp32":
-            gguf = Path(source.location) / source.gguf_file if source.gguf_file else None
-            note(f"{formats['weights']} weights" + (" (GGUF blocks kept exactly)" if gguf else ""))
-            counts["weights"] = quantize_artifact(
-                staging, formats["weights"], formats["block_size"], source_gguf=gguf,
-                accuracy_level=formats["accuracy_level"],
-            )
-        if formats["fuse"]:
-            note("onnxruntime fusions")
-            counts["fusion"] = fuse_artifact(staging)
-    return counts

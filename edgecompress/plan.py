@@ -19,12 +19,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgecompress.contract import FACTORS_FILE, PLAN_FILE
 from edgecompress.errors import EdgeCompressError
+from edgecompress.options import check_ratio
 
 PLAN_FORMAT = "edgecompress.plan"
 PLAN_VERSION = 1
-PLAN_FILE = "plan.json"
-FACTORS_FILE = "factors.safetensors"
 LAYER_ACTIONS = ("keep", "replace", "remove")
 
 
@@ -41,12 +41,6 @@ def low_rank_rank(out_features: int, in_features: int, rho: float) -> int:
 def low_rank_saving(out_features: int, in_features: int, rank: int) -> int:
     """Parameters saved by storing an m x n weight as B [m, k] @ A [k, n] (bias unchanged)."""
     return out_features * in_features - rank * (out_features + in_features)
-
-
-def check_ratio(ratio: float) -> float:
-    if not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) < 1.0):
-        raise EdgeCompressError(f"ratio must be a fraction strictly between 0 and 1, got {ratio!r}")
-    return float(ratio)
 
 
 def count_for_ratio(savings_in_order: list[int], dense_total: int, ratio: float, rounding: str = "nearest") -> int:

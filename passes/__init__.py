@@ -1,1 +1,27 @@
-"""ONNX graph passes (onnx-ir only; never imports torch)."""
+"""ONNX graph passes on onnx-ir models (never torch). One pass per file, `<Verb><Object>Pass`; each
+returns a `StatsResult` (what it changed, what did not fire and why) and checks its ordering against
+the others in `requires()`. The stages that run them, in order, are in edgecompress.graph_stages."""
+
+from edgecompress.passes.fuse_group_query_attention import FuseGroupQueryAttentionPass
+from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
+from edgecompress.passes.graph_edits import StatsResult
+from edgecompress.passes.layer_map import PassInputError, build_layer_map
+from edgecompress.passes.map_gguf_weights import GgufBlocks, MapGgufWeightsPass
+from edgecompress.passes.quantize_weights import QuantizeWeightsPass
+from edgecompress.passes.remove_layers import RemoveLayersPass
+from edgecompress.passes.replace_layers import ReplaceLayersPass
+from edgecompress.passes.split_low_rank import SplitLowRankPass
+
+__all__ = [
+    "FuseGroupQueryAttentionPass",
+    "FuseOrtOpsPass",
+    "GgufBlocks",
+    "MapGgufWeightsPass",
+    "PassInputError",
+    "QuantizeWeightsPass",
+    "RemoveLayersPass",
+    "ReplaceLayersPass",
+    "SplitLowRankPass",
+    "StatsResult",
+    "build_layer_map",
+]

@@ -17,7 +17,8 @@ is removed.
 
 Limitation (onnxruntime's kernel, reported in the stats): a batch of more than one row cannot feed
 several new tokens over a non-empty cache in one call; prefill of a batch and batched one-token decode
-work, as does a multi-token continuation of a single row.
+work, as does a multi-token continuation of a single row. Ordering, checked in `requires`: after
+FuseOrtOpsPass, whose MultiHeadAttention nodes this pass rewrites.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from edgecompress.passes.low_rank_split import _add_initializer
+from edgecompress import contract
+from edgecompress.passes.graph_edits import StatsResult, add_initializer, check_no_dangling_values, require_fused
 
 _CHAIN = ("Reshape", "Transpose", "Reshape", "Expand", "Unsqueeze")
 
@@ -66,33 +68,35 @@ def _bsh(graph: ir.Graph, before: ir.Node, bnsh: ir.Value, shape: ir.Value, name
 class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
     """MultiHeadAttention + repeated KV cache → com.microsoft GroupQueryAttention, layer by layer."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.stats = FuseGroupQueryAttentionStats()
+    def requires(self, model: ir.Model) -> None:
+        require_fused(model, type(self).__name__)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def ensures(self, model: ir.Model) -> None:
+        check_no_dangling_values(model.graph)
+
+    def call(self, model: ir.Model) -> StatsResult:
         graph = model.graph
-        self.stats = FuseGroupQueryAttentionStats()
+        stats = FuseGroupQueryAttentionStats()
         attentions = [node for node in graph if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"]
-        mask_input = next((value for value in graph.inputs if value.name == "attention_mask"), None)
+        mask_input = next((value for value in graph.inputs if value.name == contract.ATTENTION_MASK), None)
         if not attentions or mask_input is None:
             if attentions:
-                self.stats.skipped["no attention_mask input"] = len(attentions)
-            return ir.passes.PassResult(model, modified=False)
+                stats.skipped[f"no {contract.ATTENTION_MASK} input"] = len(attentions)
+            return StatsResult(model, modified=False, stats=stats)
         lengths = None
         for mha in attentions:
             reason = self._rewrite(graph, mha, mask_input, lengths)
             if isinstance(reason, str):
-                self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
+                stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
             else:
                 lengths = reason
-                self.stats.fused += 1
-        if self.stats.fused:
+                stats.fused += 1
+        if stats.fused:
             ir.passes.common.RemoveUnusedNodesPass()(model)
-            self.stats.limitations.append(
+            stats.limitations.append(
                 "onnxruntime's GroupQueryAttention refuses batch > 1 with several new tokens over a non-empty cache"
             )
-        return ir.passes.PassResult(model, modified=self.stats.fused > 0)
+        return StatsResult(model, modified=stats.fused > 0, stats=stats)
 
     def _rewrite(self, graph: ir.Graph, mha: ir.Node, mask_input: ir.Value, lengths):
         inputs = list(mha.inputs) + [None] * (8 - len(mha.inputs))
@@ -151,13 +155,13 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         """seqlens_k [B] int32 (= T − 1 per row), total_sequence_length int32 scalar, and [0, 0, -1]."""
         shape = ir.node("Shape", [mask_input], name="gqa_mask_shape")
         batch = ir.node("Shape", [mask_input], attributes={"start": 0, "end": 1}, name="gqa_batch")
-        total64 = ir.node("Gather", [shape.outputs[0], _add_initializer(graph, "gqa_one_index", np.array(1, np.int64))],
+        total64 = ir.node("Gather", [shape.outputs[0], add_initializer(graph, "gqa_one_index", np.array(1, np.int64))],
                           attributes={"axis": 0}, name="gqa_total64")
         total = ir.node("Cast", [total64.outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa_total")
-        minus_one = ir.node("Sub", [total.outputs[0], _add_initializer(graph, "gqa_one_i32", np.array(1, np.int32))],
+        minus_one = ir.node("Sub", [total.outputs[0], add_initializer(graph, "gqa_one_i32", np.array(1, np.int32))],
                             name="gqa_total_minus_one")
         seqlens = ir.node("Expand", [minus_one.outputs[0], batch.outputs[0]], name="gqa_seqlens_k")
         nodes = [shape, batch, total64, total, minus_one, seqlens]
         graph.insert_before(before, nodes)
-        bsh_shape = _add_initializer(graph, "gqa_bsh_shape", np.array([0, 0, -1], np.int64))
+        bsh_shape = add_initializer(graph, "gqa_bsh_shape", np.array([0, 0, -1], np.int64))
         return seqlens.outputs[0], total.outputs[0], bsh_shape

@@ -4,12 +4,14 @@
 skip-RMSNorm, rotary, SDPA → MHA/GQA, GELU) and returns rule counts. Rule counts overstate what
 is left: intermediate fusions that no later rule consumes are inlined back (rotary matches, but
 becomes com.microsoft RotaryEmbedding only with the cos/sin-cache fusion). So the stats count the
-fused ops actually in the graph afterwards, and `missing` says which expected fusions are absent.
+fused ops actually in the graph afterwards; `missing_fusions` tells a whole fusion stage which
+expected fusions are absent, and why.
 
 Before it, one rule of ours drops the exporter's NaN guard behind every attention softmax,
 Where(IsNaN(p), 0, p): the mask adds finfo.min, not -inf, so p is never NaN and the guard is an
-exact no-op that only hides the attention pattern. Run after QuantizeWeightsPass: fusion turns
-MatMul(x, Transpose(W)) into FusedMatMul, which the quantizer does not read.
+exact no-op that only hides the attention pattern. Ordering: the weight passes run before this one
+(fusion turns MatMul(x, Transpose(W)) into FusedMatMul, which they do not read); the pass marks the
+model as fused, which their `requires` and FuseGroupQueryAttentionPass's check.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import collections
 import dataclasses
 
 import onnx_ir as ir
+
+from edgecompress.passes.graph_edits import FUSED_MARK, StatsResult, check_no_dangling_values, require_unfused
 
 # Expected fusion -> (fused op types that show it happened, why it may be absent).
 EXPECTED = {
@@ -49,7 +53,6 @@ class FuseOrtOpsStats:
     fused_ops: dict[str, int] = dataclasses.field(default_factory=dict)  # op type -> count added
     nodes_before: int = 0
     nodes_after: int = 0
-    missing: dict[str, str] = dataclasses.field(default_factory=dict)  # expected fusion -> reason
 
 
 def _nan_guard_rule():
@@ -65,8 +68,17 @@ def _nan_guard_rule():
     return pattern.RewriteRule(guarded, lambda op, probs: op.Identity(probs), is_softmax)
 
 
-def _op_counts(graph: ir.Graph) -> collections.Counter:
+def op_type_counts(graph: ir.Graph) -> collections.Counter:
     return collections.Counter(node.op_type for node in graph)
+
+
+def missing_fusions(before: collections.Counter, after: collections.Counter) -> dict[str, str]:
+    """Expected fusion -> why it is absent, from op-type counts before and after a fusion stage."""
+    return {
+        fusion: reason
+        for fusion, (ops, reason) in EXPECTED.items()
+        if not any(after[op] > before.get(op, 0) for op in ops)
+    }
 
 
 class FuseOrtOpsPass(ir.passes.InPlacePass):
@@ -75,30 +87,33 @@ class FuseOrtOpsPass(ir.passes.InPlacePass):
     def __init__(self, debug: bool = False):
         super().__init__()
         self.debug = debug
-        self.stats = FuseOrtOpsStats()
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def requires(self, model: ir.Model) -> None:
+        require_unfused(model, type(self).__name__)
+
+    def ensures(self, model: ir.Model) -> None:
+        check_no_dangling_values(model.graph)
+
+    def call(self, model: ir.Model) -> StatsResult:
         from onnxscript.rewriter import RewritePass
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-        self.stats = FuseOrtOpsStats(nodes_before=len(model.graph))
-        before = _op_counts(model.graph)
+        stats = FuseOrtOpsStats(nodes_before=len(model.graph))
+        before = op_type_counts(model.graph)
         guards = RewritePass([_nan_guard_rule()])
         guards(model)
-        self.stats.nan_guards_removed = before["IsNaN"] - _op_counts(model.graph)["IsNaN"]
+        stats.nan_guards_removed = before["IsNaN"] - op_type_counts(model.graph)["IsNaN"]
         fused, rule_counts = optimize_for_ort(model, debug=self.debug)
         if fused is not model:  # 0.7.2 works in place; keep the pass honest if that changes
             raise RuntimeError("optimize_for_ort returned a new model; FuseOrtOpsPass expects in-place")
-        after = _op_counts(model.graph)
-        self.stats.rule_counts = {name: count for name, count in rule_counts.items() if count}
+        after = op_type_counts(model.graph)
+        stats.rule_counts = {name: count for name, count in rule_counts.items() if count}
         fused_types = {node.op_type for node in model.graph if node.domain == "com.microsoft"}
         fused_types.add("SimplifiedLayerNormalization")  # an ONNX-domain op onnxruntime runs fused
-        self.stats.fused_ops = {
+        stats.fused_ops = {
             op: after[op] - before.get(op, 0) for op in sorted(fused_types) if after[op] > before.get(op, 0)
         }
-        self.stats.nodes_after = len(model.graph)
-        for fusion, (ops, reason) in EXPECTED.items():
-            if not any(after[op] > before.get(op, 0) for op in ops):
-                self.stats.missing[fusion] = reason
-        modified = self.stats.nodes_after != self.stats.nodes_before or bool(self.stats.fused_ops)
-        return ir.passes.PassResult(model, modified=modified)
+        stats.nodes_after = len(model.graph)
+        model.metadata_props[FUSED_MARK] = "1"
+        modified = stats.nodes_after != stats.nodes_before or bool(stats.fused_ops)
+        return StatsResult(model, modified=modified, stats=stats)

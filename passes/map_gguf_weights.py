@@ -18,7 +18,8 @@ Exact weights are not exact arithmetic: accuracy_level 4 rounds activations to i
 llama.cpp does for Q4_1 with Q8_1), accuracy_level None computes in fp32. The blocks come in torch's
 row order (the caller undoes llama.cpp's q/k rope permutation), and the pass checks them against the
 float weight still in the graph before replacing it, so a wrong row order or a weight changed since
-(a low-rank split) is caught instead of silently shipped.
+(a low-rank split) is caught instead of silently shipped. Ordering, checked in `requires`: on the float
+graph, before FuseOrtOpsPass; QuantizeWeightsPass afterwards takes every MatMul this pass left float.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from edgecompress.passes.graph_edits import StatsResult, add_initializer, require_unfused
 from edgecompress.passes.layer_map import LOW_RANK_FACTOR_KEY, PassInputError, build_layer_map
-from edgecompress.passes.low_rank_split import _add_initializer
 from edgecompress.passes.quantize_weights import KEEP_FLOAT_KEY, MatMulSite, NBitsWeight, replace_with_nbits
 
 GGUF_BLOCK = 32
@@ -76,7 +77,7 @@ def to_nbits(blocks: GgufBlocks, q4_1_form: str = "block_sum") -> NBitsWeight:
 
 
 @dataclasses.dataclass
-class GgufWeightsStats:
+class MapGgufWeightsStats:
     matmuls_mapped: dict[str, int] = dataclasses.field(default_factory=dict)  # kind -> count
     lm_head_mapped: bool = False
     q4_1_form: str = "block_sum"
@@ -85,7 +86,7 @@ class GgufWeightsStats:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # module -> reason
 
 
-class GgufWeightsPass(ir.passes.InPlacePass):
+class MapGgufWeightsPass(ir.passes.InPlacePass):
     """Replace the Linears named in `blocks` (module name -> GgufBlocks) by exact MatMulNBits.
 
     `tolerance`: largest allowed |dequantized − graph weight| before replacing (the fp32 export is
@@ -104,17 +105,19 @@ class GgufWeightsPass(ir.passes.InPlacePass):
             raise PassInputError(f"Q4_1 form must be one of {Q4_1_FORMS}, got {q4_1_form!r}")
         self.blocks, self.accuracy_level, self.tolerance = blocks, accuracy_level, tolerance
         self.q4_1_form = q4_1_form
-        self.stats = GgufWeightsStats(q4_1_form=q4_1_form)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = GgufWeightsStats(q4_1_form=self.q4_1_form)
+    def requires(self, model: ir.Model) -> None:
+        require_unfused(model, type(self).__name__)
+
+    def call(self, model: ir.Model) -> StatsResult:
+        stats = MapGgufWeightsStats(q4_1_form=self.q4_1_form)
         graph = model.graph
         linears = build_layer_map(graph).linears
         for module, blocks in self.blocks.items():
             site = linears.get(module)
             reason = self._skip_reason(site, blocks)
             if reason:
-                self.stats.skipped[module] = reason
+                stats.skipped[module] = reason
                 continue
             matmul = MatMulSite(site.node, site.weight, transposed_view=not site.weight_is_transposed)
             diff = float(np.abs(blocks.dequantize() - matmul.weight_nk().astype(np.float32)).max())
@@ -122,18 +125,17 @@ class GgufWeightsPass(ir.passes.InPlacePass):
                 raise PassInputError(
                     f"GGUF blocks of {module!r} differ from the graph's weight by {diff:.3g}"
                     " (row order or source mismatch)")
-            self.stats.max_abs_diff = max(self.stats.max_abs_diff, diff)
+            stats.max_abs_diff = max(stats.max_abs_diff, diff)
             nbits = to_nbits(blocks, self.q4_1_form)
             add_mins = blocks.kind == "Q4_1" and self.q4_1_form == "block_sum"
             if blocks.kind == "Q4_1" and not add_mins:
-                self.stats.constant_blocks += int((blocks.scales == 0).sum())
+                stats.constant_blocks += int((blocks.scales == 0).sum())
             node = replace_with_nbits(graph, matmul, nbits, self.accuracy_level, module)
             if add_mins:
                 _add_block_sum_term(graph, node, module, blocks.mins)
-            self.stats.matmuls_mapped[blocks.kind] = self.stats.matmuls_mapped.get(blocks.kind, 0) + 1
-            self.stats.lm_head_mapped |= module == "lm_head"
-        modified = bool(self.stats.matmuls_mapped)
-        return ir.passes.PassResult(model, modified=modified)
+            stats.matmuls_mapped[blocks.kind] = stats.matmuls_mapped.get(blocks.kind, 0) + 1
+            stats.lm_head_mapped |= module == "lm_head"
+        return StatsResult(model, modified=bool(stats.matmuls_mapped), stats=stats)
 
     @staticmethod
     def _skip_reason(site, blocks: GgufBlocks) -> str | None:
@@ -158,8 +160,8 @@ def _add_block_sum_term(graph: ir.Graph, nbits: ir.Node, module: str, mins: np.n
     if e_name in graph.initializers:
         e_value = graph.initializers[e_name]
     else:
-        e_value = _add_initializer(graph, e_name, np.repeat(np.eye(n_blocks, dtype=np.float32), GGUF_BLOCK, axis=0))
-    m_value = _add_initializer(graph, f"{module}.gguf_mins_t", np.ascontiguousarray(mins.T.astype(np.float32)))
+        e_value = add_initializer(graph, e_name, np.repeat(np.eye(n_blocks, dtype=np.float32), GGUF_BLOCK, axis=0))
+    m_value = add_initializer(graph, f"{module}.gguf_mins_t", np.ascontiguousarray(mins.T.astype(np.float32)))
     # The Linear's module scopes keep the layer map's view of the decoder layer whole; the mark keeps
     # QuantizeWeightsPass off these float MatMuls.
     metadata = {**nbits.metadata_props, KEEP_FLOAT_KEY: "GGUF Q4_1 min term"}

@@ -11,8 +11,10 @@ becomes MatMulNBits(x, B, scales[, zero_points]) with
     weight       w[n, k] = (code - zero_point) * scale
 
 K is zero-padded up to whole blocks (the op reads n_blocks = ceil(K / block_size)). The new node
-keeps the old output value, so names, graph outputs and consumers are untouched. Run it after
-LowRankSplitPass: the layer map only maps MatMul/Gemm nodes.
+keeps the old output value, so names, graph outputs and consumers are untouched. Ordering, checked
+in `requires`: before FuseOrtOpsPass (fusion hides weights in FusedMatMul). Run it after
+SplitLowRankPass too: both factors are quantized like any other MatMul, and a Linear that is
+already MatMulNBits can no longer be split.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from edgecompress.passes.graph_edits import StatsResult, add_initializer, drop_if_unused, require_unfused
 from edgecompress.passes.layer_map import PassInputError, build_layer_map, constant_weight
-from edgecompress.passes.low_rank_split import _add_initializer, _drop_if_unused
 
 MS_DOMAIN = "com.microsoft"
 BLOCK_SIZES = (32, 64, 128)
@@ -156,15 +158,15 @@ def replace_with_nbits(
     packed = pack_codes(weight.codes, weight.bits).reshape(n, n_blocks, -1)
     inputs = [
         node.inputs[0],
-        _add_initializer(graph, f"{name}.nbits_b", packed),
-        _add_initializer(graph, f"{name}.nbits_scales", weight.scales.astype(dtype).reshape(-1)),
+        add_initializer(graph, f"{name}.nbits_b", packed),
+        add_initializer(graph, f"{name}.nbits_scales", weight.scales.astype(dtype).reshape(-1)),
     ]
     if weight.zero_points is not None:
         if weight.zero_points.dtype == np.uint8:
             zero_points = pack_codes(weight.zero_points, weight.bits).reshape(-1)
         else:
             zero_points = weight.zero_points.astype(dtype).reshape(-1)
-        inputs.append(_add_initializer(graph, f"{name}.nbits_zero_points", zero_points))
+        inputs.append(add_initializer(graph, f"{name}.nbits_zero_points", zero_points))
     attributes = {"K": k, "N": n, "bits": weight.bits, "block_size": weight.block_size}
     if accuracy_level is not None:
         attributes["accuracy_level"] = accuracy_level
@@ -179,7 +181,7 @@ def replace_with_nbits(
     new_output.name = output.name
     old_weight = node.inputs[1]
     graph.remove(node, safe=True)
-    _drop_if_unused(graph, old_weight)
+    drop_if_unused(graph, old_weight)
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
     return new
 
@@ -203,10 +205,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         check_format(bits, block_size, accuracy_level)
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
         self.accuracy_level, self.include_lm_head = accuracy_level, include_lm_head
-        self.stats = QuantizeWeightsStats()
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = QuantizeWeightsStats()
+    def requires(self, model: ir.Model) -> None:
+        require_unfused(model, type(self).__name__)
+
+    def ensures(self, model: ir.Model) -> None:
+        left = [site.node.name for site in find_matmul_sites(model.graph)[0]]
+        if left and self.include_lm_head:
+            raise ir.passes.PostconditionError(f"constant-weight MatMuls left unquantized: {left[:3]}")
+
+    def call(self, model: ir.Model) -> StatsResult:
+        stats = QuantizeWeightsStats()
         graph = model.graph
         try:
             linears = build_layer_map(graph).linears  # module names and the lm_head; optional otherwise
@@ -223,11 +232,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 continue
             weight_nk = site.weight_nk()
             nbits = quantize_blocks(weight_nk.astype(np.float32), self.bits, self.block_size, self.symmetric)
-            self.stats.bytes_before += weight_nk.nbytes
-            self.stats.params_quantized += weight_nk.size
+            stats.bytes_before += weight_nk.nbytes
+            stats.params_quantized += weight_nk.size
             node = replace_with_nbits(graph, site, nbits, self.accuracy_level, site_name(site, modules))
-            self.stats.bytes_after += sum(value.const_value.nbytes for value in node.inputs[1:])
-            self.stats.matmuls_quantized += 1
-            self.stats.lm_head_quantized |= site.node is lm_head
-        self.stats.skipped = skipped
-        return ir.passes.PassResult(model, modified=self.stats.matmuls_quantized > 0)
+            stats.bytes_after += sum(value.const_value.nbytes for value in node.inputs[1:])
+            stats.matmuls_quantized += 1
+            stats.lm_head_quantized |= site.node is lm_head
+        stats.skipped = skipped
+        return StatsResult(model, modified=stats.matmuls_quantized > 0, stats=stats)

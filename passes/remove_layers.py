@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from edgecompress.contract import KV_NAMES
+from edgecompress.passes.graph_edits import StatsResult, check_no_dangling_values, require_unfused
 from edgecompress.passes.layer_map import (
     CLASS_HIERARCHY_KEY,
     NAME_SCOPES_KEY,
@@ -18,14 +19,6 @@ from edgecompress.passes.layer_map import (
     build_layer_map,
     module_stack,
 )
-
-# onnxruntime-genai naming (genai_config.json `inputs.past_key_names` and friends).
-DEFAULT_KV_NAMES = {
-    "past_key": "past_key_values.%d.key",
-    "past_value": "past_key_values.%d.value",
-    "present_key": "present.%d.key",
-    "present_value": "present.%d.value",
-}
 
 
 @dataclasses.dataclass
@@ -37,15 +30,17 @@ class RemoveLayersStats:
 
 
 class RemoveLayersPass(ir.passes.InPlacePass):
-    """Bypass and delete the given decoder layers, then renumber the KV cache inputs/outputs."""
+    """Bypass and delete the given decoder layers, then renumber the KV cache inputs/outputs.
+
+    `kv_names` overrides the artifact contract's KV names (onnxruntime-genai's, `contract.KV_NAMES`)."""
 
     def __init__(self, layers: list[int], kv_names: dict[str, str] | None = None):
         super().__init__()
         self.layers = sorted(set(layers))
-        self.kv_names = {**DEFAULT_KV_NAMES, **(kv_names or {})}
-        self.stats = RemoveLayersStats()
+        self.kv_names = {**KV_NAMES, **(kv_names or {})}
 
     def requires(self, model: ir.Model) -> None:
+        require_unfused(model, type(self).__name__)  # the layer map reads the export's KV Concat nodes
         layer_map = build_layer_map(model.graph)
         unknown = [index for index in self.layers if index not in layer_map.layers]
         if unknown:
@@ -56,10 +51,10 @@ class RemoveLayersPass(ir.passes.InPlacePass):
             raise PassInputError(f"cannot remove all {layer_map.num_layers} decoder layers")
         _check_kv_names(model.graph, layer_map, self.kv_names)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = RemoveLayersStats()
+    def call(self, model: ir.Model) -> StatsResult:
+        stats = RemoveLayersStats()
         if not self.layers:
-            return ir.passes.PassResult(model, modified=False)
+            return StatsResult(model, modified=False, stats=stats)
         graph = model.graph
         nodes_before = len(graph)
         layer_map = build_layer_map(graph)
@@ -67,19 +62,21 @@ class RemoveLayersPass(ir.passes.InPlacePass):
         first_kept = layer_map.layers[kept[0]]
         # Descending, so a removed layer feeding another removed layer is already bypassed.
         for index in reversed(self.layers):
-            self._remove_layer(graph, layer_map.layers[index], first_kept)
+            self._remove_layer(graph, layer_map.layers[index], first_kept, stats)
         RemoveUnusedNodesPass()(model)
         self._renumber_kv(graph, [layer_map.layers[index] for index in kept])
-        self.stats.layers_removed = len(self.layers)
-        self.stats.nodes_removed = nodes_before - len(graph)
-        return ir.passes.PassResult(model, modified=True)
+        stats.layers_removed = len(self.layers)
+        stats.nodes_removed = nodes_before - len(graph)
+        return StatsResult(model, modified=True, stats=stats)
 
     def ensures(self, model: ir.Model) -> None:
         layer_map = build_layer_map(model.graph)
         _check_kv_names(model.graph, layer_map, self.kv_names)
-        _check_no_dangling_values(model.graph)
+        check_no_dangling_values(model.graph)
 
-    def _remove_layer(self, graph: ir.Graph, layer: DecoderLayer, donor: DecoderLayer) -> None:
+    def _remove_layer(
+        self, graph: ir.Graph, layer: DecoderLayer, donor: DecoderLayer, stats: RemoveLayersStats
+    ) -> None:
         if layer.residual_output.is_graph_output():
             raise PassInputError(f"decoder layer {layer.index} output is a graph output; cannot bypass it")
         ir.convenience.replace_all_uses_with(layer.residual_output, layer.residual_input)
@@ -93,13 +90,13 @@ class RemoveLayersPass(ir.passes.InPlacePass):
                     use.node.replace_input_with(use.idx, donor.past_inputs[kind])
         for present in layer.present_outputs.values():
             graph.outputs.remove(present)
-            self.stats.kv_outputs_removed += 1
+            stats.kv_outputs_removed += 1
 
         removable = _nodes_only_used_inside(layer.nodes)
         graph.remove(removable, safe=True)
         for past in layer.past_inputs.values():
             graph.inputs.remove(past)
-            self.stats.kv_inputs_removed += 1
+            stats.kv_inputs_removed += 1
         # What is left of the layer's scope is computation shared with other layers (CSE of
         # shapes, rotary cos/sin, the mask): it no longer belongs to a layer that exists.
         for node in layer.nodes:
@@ -159,29 +156,3 @@ def _check_kv_names(graph: ir.Graph, layer_map: LayerMap, kv_names: dict[str, st
         indices = sorted(int(m.group(1)) for v in values if (m := pattern.fullmatch(v.name or "")))
         if indices != list(range(layer_map.num_layers)):
             raise PassInputError(f"KV names {template!r} are not contiguous 0..{layer_map.num_layers - 1}")
-
-
-def _check_no_dangling_values(graph: ir.Graph) -> None:
-    def is_available(value: ir.Value) -> bool:
-        producer = value.producer()
-        if producer is not None:
-            return producer.graph is graph
-        return value.is_graph_input() or value.is_initializer()
-
-    for node in graph:
-        for value in node.inputs:
-            if value is not None and not is_available(value):
-                raise ir.passes.PostconditionError(f"node {node.name!r} reads dangling value {value.name!r}")
-    for value in graph.outputs:
-        if not is_available(value):
-            raise ir.passes.PostconditionError(f"graph output {value.name!r} is dangling")
-
-
-def genai_config_with_layers(config: dict, num_hidden_layers: int) -> dict:
-    """A copy of an onnxruntime-genai `genai_config.json` dict for a model with fewer layers."""
-    updated = copy.deepcopy(config)
-    try:
-        updated["model"]["decoder"]["num_hidden_layers"] = num_hidden_layers
-    except (KeyError, TypeError) as error:
-        raise PassInputError("genai_config has no model.decoder section") from error
-    return updated

@@ -1,6 +1,6 @@
 """GRASP layer replacement: some decoder layers keep low-rank Linears, others go entirely.
 
-Composed from LowRankSplitPass and RemoveLayersPass. Splitting runs first, while module names
+Composed from SplitLowRankPass and RemoveLayersPass. Splitting runs first, while module names
 still match the plan's original layer indices; removal renumbers the KV cache afterwards.
 """
 
@@ -10,9 +10,10 @@ import dataclasses
 
 import onnx_ir as ir
 
+from edgecompress.passes.graph_edits import StatsResult
 from edgecompress.passes.layer_map import PassInputError, build_layer_map
-from edgecompress.passes.low_rank_split import Factors, LowRankSplitPass
 from edgecompress.passes.remove_layers import RemoveLayersPass
+from edgecompress.passes.split_low_rank import Factors, SplitLowRankPass
 
 
 @dataclasses.dataclass
@@ -37,7 +38,6 @@ class ReplaceLayersPass(ir.passes.InPlacePass):
         self.replaced = replaced
         self.removed = sorted(set(removed))
         self.kv_names = kv_names
-        self.stats = ReplaceLayersStats()
 
     @classmethod
     def from_plan(cls, plan) -> ReplaceLayersPass:
@@ -73,12 +73,10 @@ class ReplaceLayersPass(ir.passes.InPlacePass):
         self._split_pass().requires(model)
         self._remove_pass().requires(model)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = ReplaceLayersStats()
-        split, remove = self._split_pass(), self._remove_pass()
-        split_result = split(model)
-        remove_result = remove(model)
-        self.stats = ReplaceLayersStats(
+    def call(self, model: ir.Model) -> StatsResult:
+        split = self._split_pass()(model)
+        remove = self._remove_pass()(model)
+        stats = ReplaceLayersStats(
             layers_replaced=len([index for index, factors in self.replaced.items() if factors]),
             layers_removed=remove.stats.layers_removed,
             matmuls_split=split.stats.matmuls_split,
@@ -86,11 +84,11 @@ class ReplaceLayersPass(ir.passes.InPlacePass):
             params_after=split.stats.params_after,
             nodes_removed=remove.stats.nodes_removed,
         )
-        return ir.passes.PassResult(model, modified=split_result.modified or remove_result.modified)
+        return StatsResult(model, modified=split.modified or remove.modified, stats=stats)
 
-    def _split_pass(self) -> LowRankSplitPass:
+    def _split_pass(self) -> SplitLowRankPass:
         flat = {module: arrays for factors in self.replaced.values() for module, arrays in factors.items()}
-        return LowRankSplitPass(flat)
+        return SplitLowRankPass(flat)
 
     def _remove_pass(self) -> RemoveLayersPass:
         return RemoveLayersPass(self.removed, self.kv_names)

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from edgecompress.passes.graph_edits import StatsResult, add_initializer, drop_if_unused, require_unfused
 from edgecompress.passes.layer_map import (
     LOW_RANK_FACTOR_KEY,
     LinearSite,
@@ -26,21 +27,25 @@ Factors = dict[str, tuple[np.ndarray, ...]]
 
 
 @dataclasses.dataclass
-class LowRankSplitStats:
+class SplitLowRankStats:
     matmuls_split: int = 0
     params_before: int = 0  # weights of the split Linears
     params_after: int = 0  # their factors
 
 
-class LowRankSplitPass(ir.passes.InPlacePass):
-    """Split the Linears named in `factors` (full module names) into two MatMuls."""
+class SplitLowRankPass(ir.passes.InPlacePass):
+    """Split the Linears named in `factors` (full module names) into two MatMuls.
+
+    Runs on the float export, before any weight format pass: it finds each Linear's MatMul/Gemm by
+    its module scope, which fused ops and MatMulNBits are not (`requires` refuses a fused model; a Linear that is
+    no longer a MatMul or Gemm is not found)."""
 
     def __init__(self, factors: Factors):
         super().__init__()
         self.factors = factors
-        self.stats = LowRankSplitStats()
 
     def requires(self, model: ir.Model) -> None:
+        require_unfused(model, type(self).__name__)
         layer_map = build_layer_map(model.graph)
         sites = {}
         for module, arrays in self.factors.items():
@@ -56,20 +61,20 @@ class LowRankSplitPass(ir.passes.InPlacePass):
             _check_factor_shapes(module, site, a, b)
             _check_bias(module, site, bias)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.stats = LowRankSplitStats()
+    def call(self, model: ir.Model) -> StatsResult:
+        stats = SplitLowRankStats()
         graph = model.graph
         layer_map = build_layer_map(graph)
         for module, arrays in self.factors.items():
             site = layer_map.find_linear(module)
             a, b, bias = _unpack(module, arrays)
-            self.stats.params_before += site.in_features * site.out_features
-            self.stats.params_after += a.size + b.size
+            stats.params_before += site.in_features * site.out_features
+            stats.params_after += a.size + b.size
             _split(graph, site, a, b)
             if bias is not None:
                 _set_bias(graph, site, bias)
-            self.stats.matmuls_split += 1
-        return ir.passes.PassResult(model, modified=bool(self.factors))
+            stats.matmuls_split += 1
+        return StatsResult(model, modified=bool(self.factors), stats=stats)
 
 
 def _unpack(module: str, arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -99,9 +104,9 @@ def _set_bias(graph: ir.Graph, site: LinearSite, bias: np.ndarray) -> None:
         consumer, index = site.node, 2
     old = consumer.inputs[index]
     dtype = old.const_value.dtype.numpy() if old.const_value is not None else bias.dtype
-    new = _add_initializer(graph, f"{site.module}.low_rank_bias", bias.astype(dtype))
+    new = add_initializer(graph, f"{site.module}.low_rank_bias", bias.astype(dtype))
     consumer.replace_input_with(index, new)
-    _drop_if_unused(graph, old)
+    drop_if_unused(graph, old)
 
 
 def _check_factor_shapes(module: str, site: LinearSite, a: np.ndarray, b: np.ndarray) -> None:
@@ -117,29 +122,14 @@ def _check_factor_shapes(module: str, site: LinearSite, a: np.ndarray, b: np.nda
         )
 
 
-def _unique_initializer_name(graph: ir.Graph, base: str) -> str:
-    name, suffix = base, 1
-    while name in graph.initializers:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    return name
-
-
-def _add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = _unique_initializer_name(graph, name)
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
 def _split(graph: ir.Graph, site: LinearSite, a: np.ndarray, b: np.ndarray) -> None:
     dtype = site.weight.const_value.dtype.numpy()
     node = site.node
-    a_t = _add_initializer(graph, f"{site.module}.low_rank_a_t", a.T.astype(dtype))
+    a_t = add_initializer(graph, f"{site.module}.low_rank_a_t", a.T.astype(dtype))
     # A Gemm with transB=1 reads its weight as [out, in]; everything else reads Wᵀ [in, out].
     reads_untransposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
     b_weight = b if reads_untransposed else b.T
-    b_value = _add_initializer(graph, f"{site.module}.low_rank_b_t", b_weight.astype(dtype))
+    b_value = add_initializer(graph, f"{site.module}.low_rank_b_t", b_weight.astype(dtype))
 
     first = ir.node(
         "MatMul",
@@ -154,18 +144,4 @@ def _split(graph: ir.Graph, site: LinearSite, a: np.ndarray, b: np.ndarray) -> N
     node.replace_input_with(0, first.outputs[0])
     node.replace_input_with(1, b_value)
     node.metadata_props[LOW_RANK_FACTOR_KEY] = "B"
-    _drop_if_unused(graph, old_weight_input)
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    """Remove the old weight (and a Transpose feeding it) unless something else shares it."""
-    if value.uses() or value.is_graph_output():
-        return
-    producer = value.producer()
-    if producer is not None:
-        source = producer.inputs[0]
-        graph.remove(producer, safe=True)
-        if source is not None:
-            _drop_if_unused(graph, source)
-    elif value.is_initializer():
-        graph.initializers.pop(value.name)
+    drop_if_unused(graph, old_weight_input)

@@ -6,11 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
+from edgecompress.contract import REPORT_FILE, TOKENIZER_FILE
+from edgecompress.errors import first_line
 from edgecompress.runtimes.errors import ArtifactRuntimeError
-
-REPORT_FILE = "report.json"
 
 
 def artifact_folder(artifact) -> Path:
@@ -34,20 +32,23 @@ def read_json(folder: Path, name: str, required: bool = True) -> dict:
         raise ArtifactRuntimeError(f"'{path}' is not valid JSON: {exc}") from None
 
 
-def load_tokenizer(folder: Path) -> Tokenizer:
-    path = folder / "tokenizer.json"
+def load_tokenizer(folder: Path):
+    """The artifact's `tokenizers.Tokenizer` (imported here: manifest checks need no tokenizer)."""
+    from tokenizers import Tokenizer
+
+    path = folder / TOKENIZER_FILE
     if not path.is_file():
-        raise ArtifactRuntimeError(f"'{folder}' has no tokenizer.json")
+        raise ArtifactRuntimeError(f"'{folder}' has no {TOKENIZER_FILE}")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise ArtifactRuntimeError(f"'{path}' is not a readable tokenizer: {str(exc).splitlines()[0]}") from None
+        raise ArtifactRuntimeError(f"'{path}' is not a readable tokenizer: {first_line(exc)}") from None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
+        while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
@@ -65,6 +66,6 @@ def verify_manifest(folder: Path, hashes: bool = True) -> dict:
             raise ArtifactRuntimeError(
                 f"artifact file '{name}' has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
             )
-        if hashes and _sha256(path) != entry["sha256"]:
+        if hashes and sha256_file(path) != entry["sha256"]:
             raise ArtifactRuntimeError(f"artifact file '{name}' does not match its sha256 in the manifest (corrupted?)")
     return manifest

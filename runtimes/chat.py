@@ -6,9 +6,9 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from edgecompress.contract import CHAT_TEMPLATE_FILE
 from edgecompress.runtimes.errors import ArtifactRuntimeError
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 ROLES = ("system", "user", "assistant", "tool")
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 

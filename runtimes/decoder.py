@@ -1,19 +1,18 @@
 """A KV-cache decoder loop over an exported artifact: the runtime half of every parity check.
 
-The graph I/O contract (see README, "Artifact contract"): input_ids, attention_mask, position_ids and
-past_key_values.{i}.key/.value in; logits and present.{i}.key/.value out.
+The graph I/O follows `edgecompress.contract` (README, "Artifact contract"): input_ids,
+attention_mask, position_ids and the past caches in; logits and the present caches out.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from edgecompress import contract
+from edgecompress.runtimes.errors import ArtifactRuntimeError
 from edgecompress.runtimes.session import create_session
-
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
 @dataclass
@@ -27,11 +26,13 @@ class KVLayout:
 def kv_layout(session) -> KVLayout:
     pasts = {}
     for inp in session.get_inputs():
-        match = _PAST.match(inp.name)
+        match = contract.PAST_INPUT.match(inp.name)
         if match:
             pasts[int(match.group(1))] = inp
     if not pasts:
-        raise ValueError("the model has no past_key_values.* inputs")
+        raise ArtifactRuntimeError(
+            f"the model has no {contract.PAST_PREFIX}* inputs: not a KV-cache decoder exported by edgecompress"
+        )
     first = pasts[0]
     dtype = np.float16 if "float16" in first.type else np.float32
     return KVLayout(len(pasts), int(first.shape[1]), int(first.shape[3]), dtype)
@@ -44,6 +45,8 @@ class OrtDecoder:
         self.session = session or create_session(artifact, **session_kwargs)
         self.layout = kv_layout(self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = contract.past_names(self.layout.num_layers)
+        self.present_names = contract.present_names(self.layout.num_layers)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
@@ -51,18 +54,13 @@ class OrtDecoder:
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         feed = {
-            "input_ids": np.asarray(input_ids, dtype=np.int64),
-            "attention_mask": np.asarray(attention_mask, dtype=np.int64),
-            "position_ids": np.asarray(position_ids, dtype=np.int64),
+            contract.INPUT_IDS: np.asarray(input_ids, dtype=np.int64),
+            contract.ATTENTION_MASK: np.asarray(attention_mask, dtype=np.int64),
+            contract.POSITION_IDS: np.asarray(position_ids, dtype=np.int64),
+            **dict(zip(self.past_names, past)),
         }
-        for i in range(self.layout.num_layers):
-            feed[f"past_key_values.{i}.key"] = past[2 * i]
-            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
-        present = []
-        for i in range(self.layout.num_layers):
-            present += [outputs[f"present.{i}.key"], outputs[f"present.{i}.value"]]
-        return outputs["logits"], present
+        return outputs[contract.LOGITS], [outputs[name] for name in self.present_names]
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = ()) -> list[int]:
         """Greedy tokens for one prompt: prefill once, then one token per step through the cache."""

@@ -1,8 +1,14 @@
-"""The runtime's own error type: torch-free, so apps that embed the runtime can catch it.
+"""The runtime's errors, in the package's one hierarchy (`EdgeCompressError`, torch-free).
 
-The edgecompress API turns it into `EdgeCompressError` (one line on the CLI); an app catches it directly.
+An app that embeds the runtime catches `ArtifactRuntimeError`; the CLI prints it as one line.
 """
 
+from edgecompress.errors import EdgeCompressError
 
-class ArtifactRuntimeError(Exception):
+
+class ArtifactRuntimeError(EdgeCompressError):
     """A problem with the artifact folder or the request (missing file, hash mismatch, prompt too long...)."""
+
+
+class RuntimeLoadError(ArtifactRuntimeError):
+    """onnxruntime cannot open the artifact (missing file, bad graph, missing op library)."""

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from edgecompress.contract import GENAI_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 from edgecompress.runtimes.artifact_files import artifact_folder, load_tokenizer, read_json, verify_manifest
 from edgecompress.runtimes.chat import ChatTemplate
 from edgecompress.runtimes.decoder import OrtDecoder
@@ -20,7 +21,7 @@ from edgecompress.runtimes.detokenize import IncrementalDetokenizer
 from edgecompress.runtimes.errors import ArtifactRuntimeError
 from edgecompress.runtimes.kv_steps import make_steps
 from edgecompress.runtimes.sampling import SamplingSettings, choose_token
-from edgecompress.runtimes.session import RuntimeLoadError, create_session
+from edgecompress.runtimes.session import create_session
 
 
 @dataclass
@@ -56,17 +57,14 @@ class TextGenerator:
         self.folder = artifact_folder(artifact)
         if verify != "none":
             verify_manifest(self.folder, hashes=verify == "sha256")
-        genai = read_json(self.folder, "genai_config.json")["model"]
+        genai = read_json(self.folder, GENAI_CONFIG_FILE)["model"]
         self.eos_ids = tuple(int(i) for i in _as_list(genai.get("eos_token_id")))
         self.bos_id = genai.get("bos_token_id")
         self.context_length = int(genai.get("context_length") or 0) or None
         self.tokenizer = load_tokenizer(self.folder)
-        self.tokenizer_config = read_json(self.folder, "tokenizer_config.json", required=False)
+        self.tokenizer_config = read_json(self.folder, TOKENIZER_CONFIG_FILE, required=False)
         self._chat_template: ChatTemplate | None = None
-        try:
-            session = create_session(self.folder, providers=providers, threads=threads, **session_kwargs)
-        except RuntimeLoadError as exc:
-            raise ArtifactRuntimeError(str(exc)) from None
+        session = create_session(self.folder, providers=providers, threads=threads, **session_kwargs)
         self.decoder = OrtDecoder(self.folder, session=session)
         self.io_binding = io_binding
 

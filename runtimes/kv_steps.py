@@ -11,15 +11,16 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from edgecompress import contract
 from edgecompress.runtimes.decoder import OrtDecoder
 
 
 def _step_inputs(ids: list[int], past_length: int) -> dict[str, np.ndarray]:
     step = len(ids)
     return {
-        "input_ids": np.asarray([ids], dtype=np.int64),
-        "attention_mask": np.ones((1, past_length + step), dtype=np.int64),
-        "position_ids": np.arange(past_length, past_length + step, dtype=np.int64)[None, :],
+        contract.INPUT_IDS: np.asarray([ids], dtype=np.int64),
+        contract.ATTENTION_MASK: np.ones((1, past_length + step), dtype=np.int64),
+        contract.POSITION_IDS: np.arange(past_length, past_length + step, dtype=np.int64)[None, :],
     }
 
 
@@ -42,9 +43,6 @@ class BoundSteps:
         self.decoder = decoder
         self.session = decoder.session
         self.device, self.device_id = device, device_id
-        layers = decoder.layout.num_layers
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-        self.present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
         self.past = [
             ort.OrtValue.ortvalue_from_numpy(array, device, device_id) for array in decoder.empty_cache(1)
         ]
@@ -54,10 +52,10 @@ class BoundSteps:
         binding = self.session.io_binding()
         for name, array in _step_inputs(ids, self.length).items():
             binding.bind_cpu_input(name, array)  # a few int64s: onnxruntime copies them where needed
-        for name, value in zip(self.past_names, self.past):
+        for name, value in zip(self.decoder.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", self.device, self.device_id)
-        for name in self.present_names:
+        binding.bind_output(contract.LOGITS, self.device, self.device_id)
+        for name in self.decoder.present_names:
             binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in bind_output order

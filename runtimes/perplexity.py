@@ -16,21 +16,23 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecompress.runtimes import text_sources
 from edgecompress.runtimes.artifact_files import artifact_folder, load_tokenizer
 from edgecompress.runtimes.decoder import OrtDecoder
 from edgecompress.runtimes.errors import ArtifactRuntimeError
 
-# The benchmark's evaluation text: shared/ sits beside the project root (or the working directory).
-_WIKITEXT_TEST = Path("shared/data/wikitext-2/wiki.test.raw")
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NO_DATA_HINT = (
+    f"pass --data FILE or --data hf:DATASET[:CONFIG]:SPLIT[:FIELD], or set {text_sources.DATA_ENV} to a folder "
+    f"holding {text_sources.WIKITEXT_FILES[text_sources.EVALUATION]}"
+)
 
 
-def default_data() -> Path | None:
-    for base in (_PROJECT_ROOT.parent, Path.cwd().parent, Path.cwd()):
-        candidate = base / _WIKITEXT_TEST
-        if candidate.is_file():
-            return candidate
-    return None
+def evaluation_text(data: str | Path | None) -> text_sources.TextSource:
+    """The text to score: `data`, else the documented defaults; one clear error when there is none."""
+    found = text_sources.resolve(data, text_sources.EVALUATION)
+    if isinstance(found, text_sources.NoText):
+        raise ArtifactRuntimeError(f"no evaluation text: {found.reason}; {NO_DATA_HINT}")
+    return found
 
 
 @dataclass
@@ -41,6 +43,7 @@ class PerplexitySettings:
     limit: int | None = None
     batch_size: int = 1
     add_special_tokens: bool = False
+    data_origin: str = "user"  # or EDGECOMPRESS_DATA, datasets (runtimes.text_sources)
 
 
 def token_windows(ids: list[int] | np.ndarray, seq_len: int, limit: int | None = None) -> np.ndarray:
@@ -62,16 +65,32 @@ def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return log_norm - picked
 
 
+def _score_windows(decoder: OrtDecoder, windows: np.ndarray, batch_size: int) -> tuple[float, int, list[float]]:
+    """Sum of next-token NLL, tokens scored, and each window's mean NLL; each batch a fresh prefill."""
+    total_nll, scored, window_nll = 0.0, 0, []
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        mask = np.ones_like(batch)
+        positions = np.broadcast_to(np.arange(windows.shape[1], dtype=np.int64), batch.shape)
+        logits, _ = decoder.forward(batch, mask, positions, decoder.empty_cache(len(batch)))
+        nll = next_token_nll(logits, batch)
+        total_nll += float(nll.sum())
+        scored += nll.size
+        window_nll += [float(v) for v in nll.mean(axis=1)]
+    return total_nll, scored, window_nll
+
+
 def perplexity(
     artifact,
-    data: str | Path | None = None,
+    data: "str | Path | text_sources.TextSource | None" = None,
     seq_len: int = 512,
     limit: int | None = None,
     batch_size: int = 1,
     decoder: OrtDecoder | None = None,
     **session_kwargs,
 ) -> dict:
-    """Perplexity of `artifact` on the text file `data`; returns the value with its settings and timings."""
+    """Perplexity of `artifact` on `data` (a file, an hf: spec, an already read TextSource, or None for the
+    defaults of runtimes.text_sources); returns the value with its settings and timings."""
     if seq_len < 2:
         raise ArtifactRuntimeError("--seq-len must be at least 2 (one token predicts the next)")
     if limit is not None and limit < 1:
@@ -79,46 +98,27 @@ def perplexity(
     if batch_size < 1:
         raise ArtifactRuntimeError("the batch size must be at least 1")
     folder = artifact_folder(artifact)
-    data_path = Path(data) if data is not None else default_data()
-    if data_path is None:
-        raise ArtifactRuntimeError("no evaluation text: WikiText-2 is not where expected, pass --data FILE")
-    if not data_path.is_file():
-        raise ArtifactRuntimeError(f"evaluation text '{data_path}' does not exist")
-    raw = data_path.read_bytes()
-    try:
-        # Universal newlines, as Python's text mode reads it: the file's CRLF endings become "\n".
-        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    except UnicodeDecodeError:
-        raise ArtifactRuntimeError(f"evaluation text '{data_path}' is not UTF-8") from None
+    source = data if isinstance(data, text_sources.TextSource) else evaluation_text(data)
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(folder)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    ids = tokenizer.encode(source.text, add_special_tokens=False).ids
     windows = token_windows(ids, seq_len, limit)
     if len(windows) == 0:
         raise ArtifactRuntimeError(
-            f"'{data_path}' has {len(ids)} tokens: fewer than one window of {seq_len}"
+            f"'{source.description}' has {len(ids)} tokens: fewer than one window of {seq_len}"
         )
     tokenize_s = time.perf_counter() - started
 
     decoder = decoder or OrtDecoder(folder, **session_kwargs)
     started = time.perf_counter()
-    total_nll, scored, window_nll = 0.0, 0, []
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
-        mask = np.ones_like(batch)
-        positions = np.broadcast_to(np.arange(seq_len, dtype=np.int64), batch.shape)
-        logits, _ = decoder.forward(batch, mask, positions, decoder.empty_cache(len(batch)))
-        nll = next_token_nll(logits, batch)
-        total_nll += float(nll.sum())
-        scored += nll.size
-        window_nll += [float(v) for v in nll.mean(axis=1)]
+    total_nll, scored, window_nll = _score_windows(decoder, windows, batch_size)
     run_s = time.perf_counter() - started
 
     mean_nll = total_nll / scored
     settings = PerplexitySettings(
-        data=str(data_path), data_sha256=hashlib.sha256(raw).hexdigest(), seq_len=seq_len, limit=limit,
-        batch_size=batch_size,
+        data=source.description, data_sha256=source.sha256, seq_len=seq_len, limit=limit, batch_size=batch_size,
+        data_origin=source.origin,
     )
     return {
         "artifact": str(folder),
@@ -126,6 +126,7 @@ def perplexity(
         "mean_nll": mean_nll,
         "windows": len(windows),
         "windows_available": len(ids) // seq_len,
+        "windows_sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(),  # the exact token ids scored
         "tokens_scored": scored,
         "text_tokens": len(ids),
         "window_nll": window_nll,

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-MODEL_FILE = "model.onnx"
-
-
-class RuntimeLoadError(Exception):
-    """The artifact cannot be opened by onnxruntime (missing file, bad graph, missing op library)."""
+from edgecompress.contract import MODEL_FILE
+from edgecompress.errors import first_line
+from edgecompress.runtimes.errors import RuntimeLoadError
 
 
 def model_path(artifact: str | os.PathLike) -> Path:
@@ -50,4 +48,4 @@ def create_session(
     except RuntimeLoadError:
         raise
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise RuntimeLoadError(f"onnxruntime cannot load '{artifact}': {str(exc).strip().splitlines()[0]}") from None
+        raise RuntimeLoadError(f"onnxruntime cannot load '{artifact}': {first_line(exc)}") from None

@@ -1,10 +1,19 @@
-"""Shared fixtures: tiny random models saved as HF folders, and artifacts built from them."""
+"""Shared fixtures: tiny random models saved as HF folders, and artifacts built from them.
+
+Tests never use the network: the Hugging Face libraries are put offline before anything imports them
+(subprocesses inherit it), so the `datasets` route of the data sources only sees the local cache.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from tests.tiny_models import save_tiny_model
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

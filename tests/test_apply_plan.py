@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress.apply_plan import LowRankLinear, apply_plan
+from edgecompress.apply_plan import apply_plan
+from edgecompress.attribution.low_rank import LowRankLinear
 from edgecompress.attribution.svd import weight_basis
-from edgecompress.calibrate import CalibrationSet
 from edgecompress.compress import make_plan
 from edgecompress.errors import EdgeCompressError
 from edgecompress.plan import CompressionPlan, LayerPlan, LinearPlan, model_weights_hash
@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 from functools import partial
 
 from tests import tiny_models
+from tests.helpers import random_calibration
 
 tiny_llama = partial(tiny_models.tiny_llama, layers=5)
 tiny_qwen2 = partial(tiny_models.tiny_qwen2, biased=("q_proj",))
@@ -26,8 +27,7 @@ tiny_qwen2 = partial(tiny_models.tiny_qwen2, biased=("q_proj",))
 
 
 def calibration():
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    return CalibrationSet(ids, "random tokens", "0" * 64, 0)
+    return random_calibration(2, 12, seed=0)
 
 
 def full_rank_plan(model) -> CompressionPlan:

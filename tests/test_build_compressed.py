@@ -8,6 +8,7 @@ import pytest
 
 from edgecompress import api
 from edgecompress.errors import EdgeCompressError
+from tests.helpers import assert_one_line_error, environment_without_data, run_cli
 from tests.tiny_models import WORDS
 
 CALIB = dict(calib_sequences=2, calib_seq_len=16)
@@ -21,10 +22,21 @@ def calibration_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def grasp_artifact(tiny_llama_dir, calibration_file, tmp_path_factory):
+def evaluation_file(tmp_path_factory):
+    """Text built here, enough for the build's default 40 windows of 512 tokens of the tiny vocabulary."""
+    import random
+
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("eval") / "eval.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(20)) + " ." for _ in range(1100)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def grasp_artifact(tiny_llama_dir, calibration_file, evaluation_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("compressed") / "grasp"
     report = api.build(str(tiny_llama_dir), "cpu-x86", out, ratio=0.2, method="grasp",
-                       calibration=calibration_file, **CALIB)
+                       calibration=calibration_file, eval_data=evaluation_file, **CALIB)
     return out, report
 
 
@@ -86,7 +98,7 @@ def test_unreachable_ratio(tiny_llama_dir, calibration_file, tmp_path):
 def test_calibration_shorter_than_one_sequence(tiny_llama_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the sky is blue")
-    with pytest.raises(EdgeCompressError):
+    with pytest.raises(EdgeCompressError, match="shorter than one sequence of 16"):
         api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "out", ratio=0.2, calibration=str(short), **CALIB)
     assert not (tmp_path / "out").exists()
 
@@ -96,13 +108,57 @@ def test_unknown_method(tiny_llama_dir, tmp_path):
         api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "out", ratio=0.2, method="magic")
 
 
-def test_compressed_build_reports_its_perplexity(grasp_artifact):
-    _, report = grasp_artifact
+def test_compressed_build_reports_its_perplexity(grasp_artifact, evaluation_file):
+    out, report = grasp_artifact
     evaluation = report["evaluation"]
     assert evaluation["windows"] == 40 and evaluation["settings"]["seq_len"] == 512
-    assert evaluation["perplexity"] > 1.0 and "evaluate" in report["timings_s"]
+    assert evaluation["settings"]["data"] == evaluation_file and "evaluate" in report["timings_s"]
+    # The number in the report is the artifact's perplexity on those windows, measured again here.
+    again = api.eval(out, evaluation_file, limit=40, seq_len=512)
+    assert evaluation["perplexity"] == pytest.approx(again["perplexity"], rel=1e-6)
+    assert evaluation["mean_nll"] == pytest.approx(again["mean_nll"], rel=1e-6)
 
 
 def test_dense_build_skips_evaluation_unless_asked(tiny_llama_artifact):
     _, report = tiny_llama_artifact
     assert report["evaluation"] is None and "evaluate" not in report["timings_s"]
+
+
+def test_compressed_build_on_a_machine_without_data(tiny_llama_dir, tmp_path):
+    """A fresh clone or a user's machine: no EDGECOMPRESS_DATA, no cached dataset, an empty working
+    directory. The build calibrates on self-generated text, says so, and records it in the plan."""
+    work = tmp_path / "empty"
+    work.mkdir()
+    env = environment_without_data(HF_HOME=str(tmp_path / "hf-home"))
+    result = run_cli("build", str(tiny_llama_dir), "--ratio", "0.2", "--calib-sequences", "2", "--calib-seq-len",
+                     "16", "-o", "art", cwd=work, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "self-generated" in result.stderr
+    plan = json.loads((work / "art" / "plan" / "plan.json").read_text())
+    assert plan["calibration"]["source"] == "self:2" and "EDGECOMPRESS_DATA" in plan["calibration"]["fallback"]
+    report = json.loads((work / "art" / "report.json").read_text())
+    assert report["warnings"] == [plan["calibration"]["fallback"]]
+    assert report["evaluation"]["skipped"].startswith("no evaluation text given")
+    assert sorted(p.name for p in work.iterdir()) == ["art"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--calibration", "missing.txt"], "calibration text 'missing.txt' does not exist"),
+    (["--calibration", "self:0"], "self:N"),
+    (["--calibration", "hf:no-such-dataset:validation"], "cannot load dataset hf:no-such-dataset:validation"),
+    (["--eval-data", "missing.txt", "--eval-limit", "2"], "evaluation text 'missing.txt' does not exist"),
+])
+def test_bad_data_sources_are_one_line_errors(tiny_llama_dir, tmp_path, args, fragment):
+    result = run_cli("build", str(tiny_llama_dir), "--ratio", "0.2", "-o", "out", *args, cwd=tmp_path,
+                     env=environment_without_data())
+    assert_one_line_error(result, fragment)
+    assert result.returncode == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_data_folder_without_the_files_is_refused(tiny_llama_dir, tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    result = run_cli("build", str(tiny_llama_dir), "--ratio", "0.2", "-o", str(tmp_path / "out"),
+                     env=environment_without_data(EDGECOMPRESS_DATA=str(empty)))
+    assert_one_line_error(result, f"EDGECOMPRESS_DATA={empty} has no wiki.test.raw")
+    assert result.returncode == 2 and not (tmp_path / "out").exists()

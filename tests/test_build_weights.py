@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import collections
-
-import onnx
 import pytest
 
 from edgecompress import api
 from edgecompress.errors import VerificationError
-from tests.test_cli import assert_one_line_error, run_cli
-
-
-
-def _ops(folder) -> collections.Counter:
-    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    return collections.Counter((node.domain or "ai.onnx", node.op_type) for node in proto.graph.node)
+from tests.helpers import artifact_ops as _ops
+from tests.helpers import assert_one_line_error, run_cli
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -45,7 +37,7 @@ def test_fused_fp32_build_matches_the_export_exactly(tiny_llama_dir, tmp_path):
     assert optimized["greedy"]["identical"]
     assert all(check["max_abs_diff"] <= check["bound"] for check in optimized["checks"] if "bound" in check)
     fusion = report["export"]["optimize"]["fusion"]
-    assert fusion["FuseGroupQueryAttentionPass"]["fused"] == 3 and "GQA" not in fusion["FuseOrtOpsPass"]["missing"]
+    assert fusion["FuseGroupQueryAttentionPass"]["fused"] == 3 and "GQA" not in fusion["missing"]
     assert _ops(tmp_path / "fused")[("com.microsoft", "GroupQueryAttention")] == 3
     assert "weights" not in report["export"]["optimize"]
 
@@ -99,3 +91,12 @@ def test_low_bit_weights_are_fused_by_default_on_cpu_x86(tiny_llama_dir, tmp_pat
     assert _ops(tmp_path / "int8")[("com.microsoft", "GroupQueryAttention")] == 3
     plain = api.build(str(tiny_llama_dir), "cpu-x86", tmp_path / "plain", weights="int8", fuse=False, eval_limit=0)
     assert plain["weights"]["fuse"] is False and "fusion" not in plain["export"]["optimize"]
+
+
+def test_a_gpu_target_is_refused_before_loading(tiny_llama_dir, tmp_path):
+    target = tmp_path / "gpu.toml"
+    target.write_text('name = "gpu"\ndescription = "test"\ndevice = "cuda"\n'
+                      'execution_provider = ["CUDAExecutionProvider"]\ndtype = "float16"\n')
+    result = run_cli("build", str(tiny_llama_dir), "-t", str(target), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "target 'gpu' needs a cuda float16 build")
+    assert result.returncode == 2 and not (tmp_path / "out").exists()

@@ -1,32 +1,21 @@
-"""Calibration sets from text files, the shared WikiText-2 files and local HF dataset folders."""
+"""Calibration sets from text files, $EDGECOMPRESS_DATA, local HF dataset folders and self-generated text."""
 
 import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
-from edgecompress.calibrate import (  # noqa: E402
-    build_calibration,
-    default_wikitext_dir,
-    parse_hf_spec,
-    windows_from_tokens,
-)
-from edgecompress.errors import EdgeCompressError  # noqa: E402
+from edgecompress.calibrate import build_calibration, parse_hf_spec, windows_from_tokens
+from edgecompress.errors import EdgeCompressError
+from edgecompress.runtimes.text_sources import DATA_ENV
+from tests import helpers
 
 WORDS = "the a of and to in is was on for with as by at from it an be this that".split()
 
 
 def word_tokenizer():
-    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    return helpers.word_tokenizer(WORDS)
 
 
 def corpus(n_words=400):
@@ -86,25 +75,43 @@ def test_wikitext_test_split_is_refused(tmp_path):
     path.write_text(corpus())
     with pytest.raises(EdgeCompressError, match="evaluation"):
         build_calibration(path, word_tokenizer(), n_sequences=1, seq_len=8)
-    shared_test = default_wikitext_dir() / "wiki.test.raw"
-    if shared_test.is_file():
-        with pytest.raises(EdgeCompressError, match="evaluation"):
-            build_calibration(shared_test, word_tokenizer(), n_sequences=1, seq_len=8)
     with pytest.raises(EdgeCompressError, match="evaluation"):
         build_calibration("hf:wikitext:wikitext-2-raw-v1:test", word_tokenizer(), n_sequences=1, seq_len=8)
 
 
-def test_wikitext_alias_reads_the_validation_file(tmp_path, monkeypatch):
+def test_wikitext_test_split_is_refused_by_content(tmp_path):
+    """A renamed copy of the real test split: refused by its sha256 (CI has the file in EDGECOMPRESS_DATA)."""
+    folder = os.environ.get(DATA_ENV)
+    if not folder or not os.path.isfile(os.path.join(folder, "wiki.test.raw")):
+        pytest.skip(f"{DATA_ENV} is unset: the real WikiText-2 test split is not on this machine")
+    renamed = tmp_path / "renamed.txt"
+    renamed.write_bytes(open(os.path.join(folder, "wiki.test.raw"), "rb").read())
+    with pytest.raises(EdgeCompressError, match="evaluation"):
+        build_calibration(renamed, word_tokenizer(), n_sequences=1, seq_len=8)
+
+
+def test_edgecompress_data_is_the_default_source(tmp_path, monkeypatch):
     (tmp_path / "wiki.valid.tokens").write_text(corpus())
-    monkeypatch.setenv("EDGECOMPRESS_WIKITEXT_DIR", str(tmp_path))
-    calib = build_calibration("wikitext-2", word_tokenizer(), n_sequences=2, seq_len=30)
-    assert calib.source.endswith("wiki.valid.tokens") and calib.input_ids.shape == (2, 30)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    calib = build_calibration(None, word_tokenizer(), n_sequences=2, seq_len=30)
+    assert calib.source == str(tmp_path / "wiki.valid.tokens") and calib.input_ids.shape == (2, 30)
+    assert calib.input_ids.flatten().tolist() == word_tokenizer()(corpus(), add_special_tokens=False)["input_ids"][:60]
 
 
-def test_shared_wikitext_dir_is_found():
-    if not default_wikitext_dir().exists():
-        pytest.skip("no shared data folder on this machine")
-    assert (default_wikitext_dir() / "wiki.valid.tokens").is_file()
+def test_edgecompress_data_without_the_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    with pytest.raises(EdgeCompressError, match="has no wiki.valid.tokens"):
+        build_calibration(None, word_tokenizer(), n_sequences=1, seq_len=8)
+
+
+def test_a_seed_draws_random_windows(text_file):
+    tokenizer = word_tokenizer()
+    start = build_calibration(text_file, tokenizer, n_sequences=3, seq_len=20)
+    seeded = build_calibration(text_file, tokenizer, n_sequences=3, seq_len=20, seed=7)
+    again = build_calibration(text_file, tokenizer, n_sequences=3, seq_len=20, seed=7)
+    assert start.sampling == "start" and seeded.sampling == "random" and seeded.seed == 7
+    assert torch.equal(seeded.input_ids, again.input_ids) and not torch.equal(seeded.input_ids, start.input_ids)
+    assert seeded.content_hash() != start.content_hash()
 
 
 def test_parse_hf_spec():
@@ -137,3 +144,43 @@ def test_local_hf_dataset_folder(tmp_path):
         build_calibration(f"hf:{folder}::validation:body", tokenizer, n_sequences=1, seq_len=8)
     with pytest.raises(EdgeCompressError, match="cannot load"):
         build_calibration(f"hf:{tmp_path / 'missing'}:validation", tokenizer, n_sequences=1, seq_len=8)
+
+
+@pytest.mark.parametrize("spec", ["self:0", "self:x", "self:", "self:-2"])
+def test_bad_self_specs_are_refused(spec):
+    with pytest.raises(EdgeCompressError, match="self:N"):
+        build_calibration(spec, word_tokenizer(), n_sequences=1, seq_len=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_tokenizer(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama_dir), GenerationConfig.from_pretrained(tiny_llama_dir)
+
+
+def test_self_generated_text_is_full_length_and_reproducible(tiny_model_and_tokenizer):
+    model, tokenizer, generation = tiny_model_and_tokenizer
+    kwargs = dict(model=model, generation_config=generation)
+    calib = build_calibration("self:3", tokenizer, n_sequences=99, seq_len=24, **kwargs)
+    again = build_calibration("self:3", tokenizer, n_sequences=99, seq_len=24, **kwargs)
+    other = build_calibration("self:3", tokenizer, n_sequences=99, seq_len=24, seed=1, **kwargs)
+    assert calib.input_ids.shape == (3, 24) and calib.source == "self:3" and calib.seed == 0
+    assert (calib.input_ids[:, 0] == generation.bos_token_id).all()
+    assert torch.equal(calib.input_ids, again.input_ids) and calib.content_hash() == again.content_hash()
+    assert not torch.equal(calib.input_ids, other.input_ids) and calib.content_hash() != other.content_hash()
+    described = calib.describe()
+    assert described["generation"]["temperature"] == 1.0 and described["sampling"] == "generated"
+    assert build_calibration("self", tokenizer, n_sequences=2, seq_len=8, **kwargs).n_sequences == 2
+
+
+def test_no_text_anywhere_falls_back_to_self_with_a_warning(tiny_model_and_tokenizer, monkeypatch):
+    model, tokenizer, generation = tiny_model_and_tokenizer
+    monkeypatch.delenv(DATA_ENV, raising=False)  # and the datasets library is offline (tests/conftest.py)
+    warnings = []
+    calib = build_calibration(None, tokenizer, n_sequences=2, seq_len=16, model=model,
+                              generation_config=generation, warn=warnings.append)
+    assert calib.source == "self:2" and calib.input_ids.shape == (2, 16)
+    assert len(warnings) == 1 and "self-generated" in warnings[0] and DATA_ENV in warnings[0]
+    assert calib.describe()["fallback"] == warnings[0]

@@ -27,10 +27,27 @@ def _modules_after_import(module: str) -> set[str]:
     return set(result.stdout.split())
 
 
-RUNTIME_MODULES = ("decoder", "generate", "perplexity", "chat", "detokenize", "sampling", "kv_steps", "artifact_files")
+RUNTIME_MODULES = ("decoder", "generate", "perplexity", "chat", "detokenize", "sampling", "kv_steps", "artifact_files",
+                   "text_sources", "errors", "session")
 
 
 def test_runtimes_do_not_import_torch_or_transformers():
     modules = ", ".join(f"edgecompress.runtimes.{name}" for name in RUNTIME_MODULES)
     loaded = _modules_after_import(modules)
     assert "torch" not in loaded and "transformers" not in loaded
+
+
+def test_the_contract_and_errors_import_nothing_heavy():
+    loaded = _modules_after_import("edgecompress.contract, edgecompress.errors, edgecompress.options")
+    assert not {"torch", "transformers", "onnx", "onnx_ir", "onnxruntime", "numpy"} & loaded
+
+
+def test_no_product_code_names_the_development_folder():
+    """Data comes from the user, EDGECOMPRESS_DATA or the datasets library, never from ../shared."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("edgecompress", "passes", "runtimes", "kernels", "targets"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "shared/data" not in text and "parents[1]" not in text, path

@@ -1,22 +1,31 @@
 """PyTorch-side attribution: layer scores (BI, angular distance), gradient-scored singular groups
-(GRASP), plain and whitened (SVD-LLM) singular bases. Nothing here touches ONNX."""
+(GRASP), plain and whitened (SVD-LLM) singular bases, low-rank factors and their refits, all run by
+one layer walker. Nothing here touches ONNX."""
 
 from edgecompress.attribution.block_influence import LayerScores, block_influence, layer_scores
 from edgecompress.attribution.grasp import accumulated_sigma_gradients, group_scores
+from edgecompress.attribution.layer_walker import LayerStream, LayerWalker, Placement, record_stream
+from edgecompress.attribution.low_rank import LowRankLinear, install_low_rank
 from edgecompress.attribution.singular_basis import SigmaLinear, SingularBasis, top_indices
 from edgecompress.attribution.svd import largest_sigma, weight_basis
 from edgecompress.attribution.svd_llm import input_grams, whitened_basis
 
 __all__ = [
     "LayerScores",
+    "LayerStream",
+    "LayerWalker",
+    "LowRankLinear",
+    "Placement",
     "SigmaLinear",
     "SingularBasis",
     "accumulated_sigma_gradients",
     "block_influence",
     "group_scores",
     "input_grams",
+    "install_low_rank",
     "largest_sigma",
     "layer_scores",
+    "record_stream",
     "top_indices",
     "weight_basis",
     "whitened_basis",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edgecompress.attribution.layer_stream import LayerStream, decoder_layers, record_stream
+from edgecompress.attribution.layer_walker import LayerStream, decoder_layers, record_stream
 
 
 @dataclass
@@ -41,10 +41,12 @@ class LayerScores:
             distances.append(float((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).mean()))
         return distances
 
-    def best_block(self, block_size: int) -> list[int]:
-        """Contiguous block of `block_size` layers with the smallest angular distance."""
+    def best_block(self, block_size: int, exclude: tuple[int, ...] = ()) -> list[int]:
+        """Contiguous block of `block_size` layers with the smallest angular distance, none of them in
+        `exclude` (ties: the lowest start)."""
         distances = self.angular_distances(block_size)
-        start = min(range(len(distances)), key=lambda s: (distances[s], s))
+        starts = [s for s in range(len(distances)) if not any(s <= e < s + block_size for e in exclude)]
+        start = min(starts, key=lambda s: (distances[s], s))
         return list(range(start, start + block_size))
 
 

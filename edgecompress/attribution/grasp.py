@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from edgecompress.attribution.layer_stream import LayerStream, next_token_loss, set_submodule
+from edgecompress.attribution.layer_walker import LayerWalker, set_submodule
 from edgecompress.attribution.singular_basis import SigmaLinear, SingularBasis
-
-SCORE_METRICS = ("taylor", "gradient")
+from edgecompress.options import check_score_metric
 
 
 def accumulated_sigma_gradients(
-    model,
+    walker: LayerWalker,
     bases: dict[str, SingularBasis],
     start_layer: int,
     hidden: list[torch.Tensor],
-    stream: LayerStream,
     progress=None,
 ) -> dict[str, torch.Tensor]:
     """Σ over calibration batches of ∂L/∂σ for each Linear in `bases` (full module names).
@@ -29,6 +27,7 @@ def accumulated_sigma_gradients(
     `hidden[b]` is the input of decoder layer `start_layer` for batch b; no target may sit below it.
     The model is restored before returning.
     """
+    model = walker.model
     dtype = next(model.parameters()).dtype
     sigma_modules = {name: SigmaLinear(basis, dtype).to(hidden[0].device) for name, basis in bases.items()}
     originals = {name: set_submodule(model, name, module) for name, module in sigma_modules.items()}
@@ -36,16 +35,14 @@ def accumulated_sigma_gradients(
     names = list(sigma_modules)
     parameters = [sigma_modules[name].sigma for name in names]
     try:
-        for batch in range(stream.n_batches):
+        for batch in range(walker.n_batches):
             with torch.enable_grad():
-                loss = next_token_loss(
-                    model, hidden[batch], stream.input_ids[batch], stream.layer_kwargs[batch], start_layer
-                )
+                loss = walker.next_token_loss(hidden[batch], batch, start_layer)
                 gradients = torch.autograd.grad(loss, parameters)
             for name, gradient in zip(names, gradients):
                 sums[name] += gradient.detach().double().cpu()
             if progress is not None:
-                progress("gradient", batch + 1, stream.n_batches)
+                progress("gradient", batch + 1, walker.n_batches)
     finally:
         for name, original in originals.items():
             set_submodule(model, name, original)
@@ -54,8 +51,6 @@ def accumulated_sigma_gradients(
 
 def group_scores(basis: SingularBasis, gradient_sum: torch.Tensor, metric: str = "taylor") -> torch.Tensor:
     """I_k = |σ_k · G_k| ("taylor", the GRASP default) or |G_k| ("gradient")."""
-    if metric == "taylor":
+    if check_score_metric(metric) == "taylor":
         return (basis.sigma.double().cpu() * gradient_sum).abs()
-    if metric == "gradient":
-        return gradient_sum.abs()
-    raise ValueError(f"unknown score metric {metric!r}")
+    return gradient_sum.abs()

@@ -1,15 +1,24 @@
-"""Run a decoder model layer by layer on calibration data.
+"""Walk a decoder model layer by layer on calibration data: llm-compressor's sequential pipeline
+without tracing, and the one place that runs decoder layers for attribution and refits.
 
-One full forward pass records, per calibration batch, the input of layer 0 and the keyword
-arguments every decoder layer was called with (mask, rotary embeddings, positions). Afterwards any
-layer's input can be rebuilt by stepping through the original layers, and the loss can be computed
-from any layer up, so attribution never re-runs the layers below the one it studies and never
-re-implements attention.
+One recorded forward pass (`record_stream`) keeps, per calibration batch, the input of layer 0 and
+the keyword arguments every decoder layer was called with (mask, rotary embeddings, positions) — and,
+when it fits, every layer's input: the one cache of dense layer inputs. `LayerWalker.inputs(wanted)`
+then yields, upward, the hidden states entering each wanted layer: from that cache while the model
+below is still dense, else by running the layers in between as they are *now*, so a caller that
+compresses a layer after receiving its inputs feeds the layers above with the compressed model's
+states. Attribution never re-implements attention and never re-runs the layers below the one it studies.
+
+Where a layer's weights live while it runs is one replaceable piece, the `Placement`: the default keeps
+everything where it is (models that fit); a 7B-70B build swaps in one that onloads a layer from CPU or
+disk for the duration of `use` and offloads it after, and keeps cached activations off the GPU.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +79,7 @@ class LayerStream:
     input_ids: list[torch.Tensor]  # [b, T] per batch
     embeddings: list[torch.Tensor]  # input of layer 0, [b, T, d] per batch
     layer_kwargs: list[list[dict]]  # per batch, per layer: kwargs of the layer call
-    layer_inputs: list[list[torch.Tensor]] | None = None  # per batch, per layer, when cached
+    layer_inputs: list[list[torch.Tensor]] | None = None  # per batch, per layer: the dense cache, when kept
 
     @property
     def n_batches(self) -> int:
@@ -81,13 +90,28 @@ def calibration_batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.
     return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
 
 
+class Placement:
+    """Where decoder layers and cached activations live. This one: wherever they already are."""
+
+    @contextmanager
+    def use(self, layer: nn.Module) -> Iterator[nn.Module]:
+        """The layer, ready to run on the compute device, for the duration of the block."""
+        yield layer
+
+    def store(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Where a cached activation is kept (another placement may move it to CPU or disk)."""
+        return hidden
+
+
 @torch.no_grad()
 def record_stream(
-    model, input_ids: torch.Tensor, batch_size: int = 1, on_layer=None, progress=None, keep_inputs: bool = False
+    model, input_ids: torch.Tensor, batch_size: int = 1, on_layer=None, progress=None, keep_inputs: bool = False,
+    placement: Placement | None = None,
 ) -> LayerStream:
     """One forward pass over `input_ids`; `on_layer(index, h_in, h_out)` sees every layer.
     With `keep_inputs`, every layer's input is kept too (memory: L x n x T x d values), which
     saves re-running the lower layers later."""
+    placement = placement or Placement()
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     current: dict = {}
@@ -101,7 +125,7 @@ def record_stream(
             current["kwargs"][index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             current["inputs"][index] = hidden
             if keep_inputs:
-                current["kept"].append(hidden.detach())
+                current["kept"].append(placement.store(hidden.detach()))
 
         return hook
 
@@ -136,36 +160,61 @@ def record_stream(
     return stream
 
 
-def run_layers(model, hidden: torch.Tensor, layer_kwargs: list[dict], start: int, stop: int) -> torch.Tensor:
-    """Apply decoder layers start..stop-1 to `hidden` with their recorded call kwargs."""
-    layers = decoder_layers(model)
-    for index in range(start, stop):
-        hidden = layer_output(layers[index](hidden, **layer_kwargs[index]))
-    return hidden
+class LayerWalker:
+    """Runs the decoder layers of `model` on the recorded calibration batches of `stream`."""
 
+    def __init__(self, model, stream: LayerStream, placement: Placement | None = None):
+        self.model, self.stream = model, stream
+        self.placement = placement or Placement()
 
-@torch.no_grad()
-def inputs_of_layers(model, stream: LayerStream, wanted: list[int]) -> dict[int, list[torch.Tensor]]:
-    """Input hidden states of each wanted layer in the dense model, per batch: from the cache, or
-    by stepping from the embeddings through the layers (call it before any of them is changed)."""
-    wanted = sorted(set(wanted))
-    if stream.layer_inputs is not None:
-        return {index: [per_batch[index] for per_batch in stream.layer_inputs] for index in wanted}
-    result = {index: [] for index in wanted}
-    for batch in range(stream.n_batches):
-        hidden, position = stream.embeddings[batch], 0
+    @property
+    def layers(self) -> nn.ModuleList:
+        return decoder_layers(self.model)
+
+    @property
+    def n_batches(self) -> int:
+        return self.stream.n_batches
+
+    def run(self, hidden: torch.Tensor, batch: int, start: int, stop: int) -> torch.Tensor:
+        """Layers start..stop-1 of the model as it is now, on batch `batch` entering layer `start`."""
+        kwargs = self.stream.layer_kwargs[batch]
+        for index in range(start, stop):
+            with self.placement.use(self.layers[index]) as layer:
+                hidden = layer_output(layer(hidden, **kwargs[index]))
+        return hidden
+
+    def run_layer(self, index: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.run(hidden, batch, index, index + 1)
+
+    def inputs(self, wanted, dense: bool = False) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(index, input of that layer per batch) for each wanted layer, lowest first.
+
+        dense=True promises the layers below are unchanged, so the dense cache serves when it was kept;
+        otherwise the walk runs the model as it is when it advances, changes made since included."""
+        wanted = sorted(set(wanted))
+        if dense and self.stream.layer_inputs is not None:
+            for index in wanted:
+                yield index, [per_batch[index] for per_batch in self.stream.layer_inputs]
+            return
+        hidden, position = list(self.stream.embeddings), 0
         for index in wanted:
-            hidden = run_layers(model, hidden, stream.layer_kwargs[batch], position, index)
+            with torch.no_grad():
+                hidden = [self.run(h, batch, position, index) for batch, h in enumerate(hidden)]
             position = index
-            result[index].append(hidden)
-    return result
+            yield index, hidden
 
+    def dense_inputs(self, wanted) -> dict[int, list[torch.Tensor]]:
+        """Every wanted layer's dense input at once (call it before any of them is changed)."""
+        return dict(self.inputs(wanted, dense=True))
 
-def next_token_loss(model, hidden: torch.Tensor, input_ids: torch.Tensor, layer_kwargs: list[dict], start: int):
-    """Mean next-token cross-entropy, running the model from layer `start` (input `hidden`) up.
-    Labels are shifted once here (fixing GRASP's double shift, bug B1)."""
-    hidden = run_layers(model, hidden, layer_kwargs, start, len(decoder_layers(model)))
-    logits = model.get_output_embeddings()(model.model.norm(hidden))
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1)
-    )
+    def next_token_loss(self, hidden: torch.Tensor, batch: int, start: int) -> torch.Tensor:
+        """Mean next-token cross-entropy, running the model from layer `start` (input `hidden`) up.
+        Labels are shifted once here (fixing GRASP's double shift, bug B1)."""
+        hidden = self.run(hidden, batch, start, len(self.layers))
+        logits = self.model.get_output_embeddings()(self.model.model.norm(hidden))
+        input_ids = self.stream.input_ids[batch]
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+
+    def final_states(self, hidden: torch.Tensor, batch: int, start: int) -> torch.Tensor:
+        """The final normed hidden state (what the LM head reads), from layer `start` up."""
+        return self.model.model.norm(self.run(hidden, batch, start, len(self.layers)))

@@ -10,15 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgecompress.attribution.layer_stream import layer_output
+from edgecompress.attribution.layer_walker import LayerWalker
 from edgecompress.attribution.singular_basis import SingularBasis
 from edgecompress.errors import EdgeCompressError
 
 
 @torch.no_grad()
-def input_grams(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: list[dict]):
-    """Σ x xᵀ (float64) of each Linear's input over all calibration tokens, by running `layer` on
-    its recorded inputs. Linears that share an input (q/k/v, gate/up) share one Gram matrix."""
+def input_grams(walker: LayerWalker, index: int, linears: dict[str, nn.Linear], hidden: list[torch.Tensor]):
+    """Σ x xᵀ (float64) of each Linear's input over all calibration tokens, by running decoder layer
+    `index` on its inputs `hidden` (per batch). Linears that share an input (q/k/v, gate/up) share one
+    Gram matrix."""
     grams: dict[str, torch.Tensor] = {}
     shared: list[tuple[torch.Tensor, str]] = []  # inputs seen in this batch (kept alive) -> Linear
     handles = []
@@ -41,9 +42,9 @@ def input_grams(layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[to
     for name, linear in linears.items():
         handles.append(linear.register_forward_pre_hook(hook(name)))
     try:
-        for batch_hidden, batch_kwargs in zip(hidden, kwargs):
+        for batch, batch_hidden in enumerate(hidden):
             shared.clear()
-            layer_output(layer(batch_hidden, **batch_kwargs))
+            walker.run_layer(index, batch_hidden, batch)
     finally:
         for handle in handles:
             handle.remove()

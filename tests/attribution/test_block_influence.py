@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecompress.attribution.block_influence import block_influence, layer_scores
-from edgecompress.attribution.layer_stream import inputs_of_layers, next_token_loss
+from edgecompress.attribution.layer_walker import LayerWalker
 
 torch.set_num_threads(1)
 
@@ -83,15 +83,16 @@ def test_loss_from_any_layer_matches_model_loss(model_and_ids):
     stream = layer_scores(model, ids, batch_size=3).stream
     with torch.no_grad():
         reference = model(ids, labels=ids).loss
-        inputs = inputs_of_layers(model, stream, [0, 3])
+        walker = LayerWalker(model, stream)
+        inputs = walker.dense_inputs([0, 3])
         for start in (0, 3):
-            loss = next_token_loss(model, inputs[start][0], stream.input_ids[0], stream.layer_kwargs[0], start)
+            loss = walker.next_token_loss(inputs[start][0], 0, start)
             assert float(loss) == pytest.approx(float(reference), rel=1e-5)
 
 
 def test_cached_layer_inputs_equal_recomputed_ones(model_and_ids):
     model, ids = model_and_ids
-    cached = inputs_of_layers(model, layer_scores(model, ids, keep_inputs=True).stream, [1, 4])
-    stepped = inputs_of_layers(model, layer_scores(model, ids, keep_inputs=False).stream, [1, 4])
+    cached = LayerWalker(model, layer_scores(model, ids, keep_inputs=True).stream).dense_inputs([1, 4])
+    stepped = LayerWalker(model, layer_scores(model, ids, keep_inputs=False).stream).dense_inputs([1, 4])
     for index in (1, 4):
         assert torch.allclose(cached[index][0], stepped[index][0], atol=1e-6)

@@ -5,15 +5,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from edgecompress.attribution.block_influence import layer_scores
 from edgecompress.attribution.grasp import accumulated_sigma_gradients, group_scores
-from edgecompress.attribution.layer_stream import inputs_of_layers
+from edgecompress.attribution.layer_walker import LayerWalker
 from edgecompress.attribution.singular_basis import SigmaLinear, top_indices
 from edgecompress.attribution.svd import largest_sigma, weight_basis
 from edgecompress.attribution.svd_llm import whitened_basis
-from edgecompress.calibrate import CalibrationSet
 from edgecompress.compress import make_plan
 from edgecompress.errors import EdgeCompressError
 
@@ -22,6 +20,7 @@ torch.set_num_threads(1)
 from functools import partial
 
 from tests import tiny_models
+from tests.helpers import random_calibration
 
 tiny_llama = partial(tiny_models.tiny_llama, layers=4, hidden=48, intermediate=80)
 tiny_qwen2 = tiny_models.tiny_qwen2
@@ -29,9 +28,8 @@ tiny_qwen2 = tiny_models.tiny_qwen2
 
 
 
-def calibration(n=3, length=12, vocab=96, seed=5):
-    ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-    return CalibrationSet(ids, "random tokens", "0" * 64, seed)
+def calibration(n=3, length=12, seed=5):
+    return random_calibration(n, length, seed=seed)
 
 
 def expected_rank(m, n, rho):
@@ -79,10 +77,11 @@ def test_accumulated_gradient_equals_projected_weight_gradient():
     name = "model.layers.2.mlp.down_proj"
     linear = model.get_submodule(name)
     basis = weight_basis(linear, torch.float64)
-    hidden = inputs_of_layers(model, stream, [2])[2]
+    walker = LayerWalker(model, stream)
+    hidden = walker.dense_inputs([2])[2]
     for p in model.parameters():
         p.requires_grad_(False)
-    sums = accumulated_sigma_gradients(model, {name: basis}, 2, hidden, stream)
+    sums = accumulated_sigma_gradients(walker, {name: basis}, 2, hidden)
     assert model.get_submodule(name) is linear  # restored
     expected = torch.zeros(basis.rank, dtype=torch.float64)
     linear.weight.requires_grad_(True)

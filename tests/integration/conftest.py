@@ -18,3 +18,4 @@ def smollm2_artifact(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return out
+

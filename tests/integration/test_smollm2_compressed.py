@@ -10,14 +10,13 @@ import sys
 
 import pytest
 
+from tests.helpers import require_wikitext
+
 pytestmark = pytest.mark.integration
 
 
 def test_grasp_20_percent_int4_fused_smollm2(tmp_path):
-    from edgecompress.runtimes.perplexity import default_data
-
-    if default_data() is None:
-        pytest.skip("WikiText-2 is not in shared/data (calibration and evaluation need it)")
+    require_wikitext()
     out = tmp_path / "smollm2-grasp20-int4"
     # 4 calibration sequences instead of 16 keep the test to minutes; the plan's shape is the same.
     command = [sys.executable, "-m", "edgecompress.cli", "build", "smollm2-135m", "-o", str(out), "--ratio", "0.2",
@@ -35,7 +34,7 @@ def test_grasp_20_percent_int4_fused_smollm2(tmp_path):
     optimized = report["verification"]["optimized"]
     assert optimized["passed"] and optimized["weights"] == "int4" and report["weights"]["fuse"] is True
     steps = report["export"]["optimize"]
-    gguf = steps["weights"]["GgufWeightsPass"]
+    gguf = steps["weights"]["MapGgufWeightsPass"]
     assert gguf["matmuls_mapped"] == {"Q4_1": 7 * (30 - 8), "Q8_0": 1} and gguf["max_abs_diff"] == 0.0
     assert steps["weights"]["QuantizeWeightsPass"]["matmuls_quantized"] == 2 * 7 * 8  # both factors
     assert steps["fusion"]["FuseGroupQueryAttentionPass"]["fused"] == 30

@@ -7,6 +7,7 @@ import pytest
 
 from edgecompress import api
 from edgecompress.runtimes.generate import TextGenerator
+from tests.helpers import require_wikitext
 from tests.runtimes.genai_reference import genai_greedy, without_eos
 
 pytestmark = pytest.mark.integration
@@ -29,10 +30,7 @@ def test_smollm2_runs_the_same_in_onnxruntime_genai_and_our_runtime(smollm2_arti
 
 
 def test_smollm2_perplexity_on_two_wikitext_windows(smollm2_artifact):
-    from edgecompress.runtimes.perplexity import default_data
-
-    if default_data() is None:
-        pytest.skip("WikiText-2 is not in shared/data")
+    require_wikitext()
     result = api.eval(smollm2_artifact, limit=2, threads=2)
     # The 40-window benchmark value is 28.7; two windows land in the same neighbourhood.
     assert 10 < result["perplexity"] < 60 and result["windows"] == 2

@@ -38,7 +38,7 @@ class ToyDecoderBuilder:
     """Builds a decoder graph whose layers are `layer_ids` (original indices, for scopes and weights).
 
     KV I/O is numbered by position, as after RemoveLayersPass. `low_rank` maps module names to
-    (A, B) factors to build the graph LowRankSplitPass is expected to produce.
+    (A, B) factors to build the graph SplitLowRankPass is expected to produce.
     """
 
     def __init__(self, layer_ids, low_rank=None):
@@ -190,11 +190,11 @@ def make_tiny_torch_model(model_type: str = "llama", tie_word_embeddings: bool =
 
 
 def _export_tiny(tmp_path_factory, model_type: str):
-    from edgecompress.export import export_onnx
+    from edgecompress.export import export_onnx, save_model
 
     model = make_tiny_torch_model(model_type)
     out_dir = tmp_path_factory.mktemp(f"tiny_{model_type}_onnx")
-    export_onnx(model, out_dir)
+    save_model(export_onnx(model)[0], out_dir)
     return model, out_dir / "model.onnx"
 
 

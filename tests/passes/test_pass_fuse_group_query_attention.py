@@ -6,9 +6,11 @@ import collections
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from edgecompress.passes.fuse_group_query_attention import FuseGroupQueryAttentionPass
 from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
+from edgecompress.passes.graph_edits import FUSED_MARK
 
 LAYERS = 3
 
@@ -29,10 +31,11 @@ def test_attention_reads_the_cache_once_per_kv_head(exported_llama, decoder_pari
     assert before["MultiHeadAttention"] == LAYERS and before["Expand"] >= 2 * LAYERS
 
     fuse = FuseGroupQueryAttentionPass()
-    assert fuse(model).modified
+    fuse_result = fuse(model)
+    assert fuse_result.modified
 
     after = _ops(model)
-    assert fuse.stats.fused == LAYERS and not fuse.stats.skipped
+    assert fuse_result.stats.fused == LAYERS and not fuse_result.stats.skipped
     assert after["GroupQueryAttention"] == LAYERS and after["MultiHeadAttention"] == 0
     # The repeat_kv copies (one Expand per cache per layer) are gone; one Expand builds seqlens_k.
     assert after["Expand"] == before["Expand"] - 2 * LAYERS + 1
@@ -70,9 +73,15 @@ def test_outputs_unchanged_with_a_cache_and_with_left_padding(exported_llama, de
     np.testing.assert_allclose(got["logits"][1, 2], want["logits"][1, 2], atol=1e-5, rtol=0)
 
 
-def test_unfused_graph_is_left_alone(exported_llama):
+def test_unfused_graph_is_refused_and_left_alone(exported_llama):
     model = ir.load(exported_llama[1])  # no MultiHeadAttention yet: nothing to rewrite
     nodes = len(model.graph)
     fuse = FuseGroupQueryAttentionPass()
-    assert not fuse(model).modified
-    assert fuse.stats.fused == 0 and len(model.graph) == nodes
+    with pytest.raises(ir.passes.PreconditionError, match="after FuseOrtOpsPass"):
+        fuse(model)
+    assert len(model.graph) == nodes
+    # Marked as fused but without MultiHeadAttention (the SDPA rules did not match): a no-op.
+    model.metadata_props[FUSED_MARK] = "1"
+    fuse_result = fuse(model)
+    assert not fuse_result.modified
+    assert fuse_result.stats.fused == 0 and len(model.graph) == nodes

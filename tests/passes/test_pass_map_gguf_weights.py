@@ -1,4 +1,4 @@
-"""GgufWeightsPass: GGUF Q4_1 / Q8_0 blocks carried into MatMulNBits without re-quantizing."""
+"""MapGgufWeightsPass: GGUF Q4_1 / Q8_0 blocks carried into MatMulNBits without re-quantizing."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import onnx_ir as ir
 import pytest
 
 from edgecompress.errors import EdgeCompressError
-from edgecompress.passes.gguf_weights import GgufBlocks, GgufWeightsPass, to_nbits
-from edgecompress.passes.low_rank_split import LowRankSplitPass
+from edgecompress.passes.map_gguf_weights import GgufBlocks, MapGgufWeightsPass, to_nbits
+from edgecompress.passes.split_low_rank import SplitLowRankPass
 from edgecompress.passes.quantize_weights import MatMulSite, QuantizeWeightsPass, replace_with_nbits
 
 HIDDEN = 4  # the toy decoder's width: K = 4 is not a whole GGUF block
@@ -71,11 +71,12 @@ def test_q8_0_maps_bit_exactly():
 def test_partial_blocks_and_unknown_modules_are_skipped_with_reasons(toy_decoder):
     model = toy_decoder([0])  # every weight has K = 4: not a whole GGUF block
     q_proj = GgufBlocks("Q8_0", np.zeros((HIDDEN, HIDDEN), np.int8), np.zeros((HIDDEN, 1), np.float32))
-    gguf = GgufWeightsPass({"model.layers.0.self_attn.q_proj": q_proj, "model.layers.9.mlp.up_proj": q_proj})
+    gguf = MapGgufWeightsPass({"model.layers.0.self_attn.q_proj": q_proj, "model.layers.9.mlp.up_proj": q_proj})
 
-    assert not gguf(model).modified
-    assert "not a multiple of 32" in gguf.stats.skipped["model.layers.0.self_attn.q_proj"]
-    assert "no MatMul Linear" in gguf.stats.skipped["model.layers.9.mlp.up_proj"]
+    gguf_result = gguf(model)
+    assert not gguf_result.modified
+    assert "not a multiple of 32" in gguf_result.stats.skipped["model.layers.0.self_attn.q_proj"]
+    assert "no MatMul Linear" in gguf_result.stats.skipped["model.layers.9.mlp.up_proj"]
 
 
 def _wide_matmul_model(blocks: GgufBlocks, module: str = "lm_head") -> ir.Model:
@@ -107,14 +108,15 @@ def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
 def test_q4_1_float_zero_point_form_is_one_op():
     blocks = _q4_1(8, 64)
     model = _wide_matmul_model(blocks)
-    gguf = GgufWeightsPass({"lm_head": blocks}, q4_1_form="float_zero_point")
+    gguf = MapGgufWeightsPass({"lm_head": blocks}, q4_1_form="float_zero_point")
 
-    assert gguf(model).modified
+    gguf_result = gguf(model)
+    assert gguf_result.modified
     (node,) = list(model.graph)
     assert node.op_type == "MatMulNBits" and node.outputs[0].name == "logits"
     assert node.inputs[3].const_value.dtype == ir.DataType.FLOAT  # float zero points
-    assert gguf.stats.matmuls_mapped == {"Q4_1": 1} and gguf.stats.lm_head_mapped
-    assert gguf.stats.constant_blocks == 1 and gguf.stats.max_abs_diff == 0.0
+    assert gguf_result.stats.matmuls_mapped == {"Q4_1": 1} and gguf_result.stats.lm_head_mapped
+    assert gguf_result.stats.constant_blocks == 1 and gguf_result.stats.max_abs_diff == 0.0
 
 
 @pytest.mark.parametrize("accuracy_level,atol", [(None, 2e-5), (4, 0.15)])  # acc 4: measured 0.05 on |y| ≤ 6
@@ -124,7 +126,7 @@ def test_q4_1_block_sum_form_adds_the_mins_apart(accuracy_level, atol):
     x = np.random.default_rng(2).standard_normal((2, 3, 96)).astype(np.float32)
     expected = x @ blocks.dequantize().T
 
-    GgufWeightsPass({"lm_head": blocks}, accuracy_level=accuracy_level)(model)
+    MapGgufWeightsPass({"lm_head": blocks}, accuracy_level=accuracy_level)(model)
 
     assert [n.op_type for n in model.graph] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
     nbits, add = model.graph.node(0), model.graph.node(3)
@@ -142,18 +144,19 @@ def test_blocks_that_are_not_the_graph_weight_are_refused():
     shuffled = GgufBlocks("Q4_1", blocks.codes[::-1].copy(), blocks.scales[::-1].copy(), blocks.mins[::-1].copy())
 
     with pytest.raises(EdgeCompressError, match="row order or source mismatch"):
-        GgufWeightsPass({"lm_head": shuffled})(model)
+        MapGgufWeightsPass({"lm_head": shuffled})(model)
 
 
 def test_low_rank_split_linear_is_skipped_with_a_reason():
     blocks = _q8_0(8, 64)
     model = _wide_matmul_model(blocks)
     rng = np.random.default_rng(0)
-    LowRankSplitPass({"lm_head": (rng.standard_normal((2, 64)), rng.standard_normal((8, 2)))})(model)
-    gguf = GgufWeightsPass({"lm_head": blocks})
+    SplitLowRankPass({"lm_head": (rng.standard_normal((2, 64)), rng.standard_normal((8, 2)))})(model)
+    gguf = MapGgufWeightsPass({"lm_head": blocks})
 
-    assert not gguf(model).modified
-    assert "low-rank" in gguf.stats.skipped["lm_head"]
+    gguf_result = gguf(model)
+    assert not gguf_result.modified
+    assert "low-rank" in gguf_result.stats.skipped["lm_head"]
 
 
 def _smollm2_gguf() -> Path | None:
@@ -170,7 +173,7 @@ def test_smollm2_blocks_are_the_hf_weights_and_onnxruntime_keeps_them():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgecompress.weights import read_gguf_blocks
+    from edgecompress.gguf_blocks import read_gguf_blocks
 
     path = _smollm2_gguf()
     blocks = read_gguf_blocks(path)

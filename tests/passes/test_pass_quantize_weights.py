@@ -129,12 +129,12 @@ def test_counts_low_rank_factors_and_lm_head_switch(toy_decoder):
     model = toy_decoder([0, 1], low_rank=low_rank)
     quantize = QuantizeWeightsPass(bits=8, block_size=32, include_lm_head=False)
 
-    quantize(model)
+    quantize_result = quantize(model)
 
     # 2 layers × (q, k, v, o, down) with down split in two in layer 0; lm_head left as MatMul.
-    assert quantize.stats.matmuls_quantized == 11
-    assert quantize.stats.lm_head_quantized is False
-    assert quantize.stats.skipped == {"lm_head excluded": 1}
+    assert quantize_result.stats.matmuls_quantized == 11
+    assert quantize_result.stats.lm_head_quantized is False
+    assert quantize_result.stats.skipped == {"lm_head excluded": 1}
     assert [n.op_type for n in model.graph].count("MatMul") == 1
 
 
@@ -144,10 +144,10 @@ def test_tiny_exported_llama_stays_close(exported_llama, decoder_parity):
     dense = decoder_parity.onnx(model, feeds)
     quantize = QuantizeWeightsPass(bits=4, block_size=32, accuracy_level=4)
 
-    quantize(model)
+    quantize_result = quantize(model)
     quantized = decoder_parity.onnx(model, feeds)
 
-    assert quantize.stats.matmuls_quantized == 3 * LINEARS_PER_LAYER + 1 and quantize.stats.lm_head_quantized
+    assert quantize_result.stats.matmuls_quantized == 3 * LINEARS_PER_LAYER + 1 and quantize_result.stats.lm_head_quantized
     assert not [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
     drift = np.abs(quantized["logits"] - dense["logits"]).max() / np.abs(dense["logits"]).max()
     # Random weights give near-flat logits (max |logit| ~0.3), so int4 moves them relatively far:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgecompress.errors import EdgeCompressError
-from edgecompress.passes.remove_layers import RemoveLayersPass, genai_config_with_layers
+from edgecompress.passes.remove_layers import RemoveLayersPass
 
 
 @pytest.mark.parametrize(
@@ -26,11 +26,11 @@ def test_counts_for_the_report(toy_decoder):
     nodes_before = len(model.graph)
     remove = RemoveLayersPass([1])
 
-    remove(model)
+    remove_result = remove(model)
 
-    assert remove.stats.layers_removed == 1
-    assert remove.stats.nodes_removed == nodes_before - len(model.graph) == 15
-    assert (remove.stats.kv_inputs_removed, remove.stats.kv_outputs_removed) == (2, 2)
+    assert remove_result.stats.layers_removed == 1
+    assert remove_result.stats.nodes_removed == nodes_before - len(model.graph) == 15
+    assert (remove_result.stats.kv_inputs_removed, remove_result.stats.kv_outputs_removed) == (2, 2)
 
 
 def test_removing_nothing_leaves_the_graph_alone(toy_decoder, structure):
@@ -51,17 +51,6 @@ def test_bad_layer_lists_are_user_errors(toy_decoder, layers, message):
     with pytest.raises(EdgeCompressError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
         RemoveLayersPass(layers)(toy_decoder([0, 1, 2]))
     assert "\n" not in str(error.value)
-
-
-def test_genai_config_gets_the_new_layer_count():
-    config = {"model": {"decoder": {"num_hidden_layers": 30, "head_size": 64}}}
-
-    updated = genai_config_with_layers(config, 22)
-
-    assert updated["model"]["decoder"] == {"num_hidden_layers": 22, "head_size": 64}
-    assert config["model"]["decoder"]["num_hidden_layers"] == 30
-    with pytest.raises(EdgeCompressError):
-        genai_config_with_layers({"search": {}}, 22)
 
 
 @pytest.mark.parametrize("removed", [[1], [0], [0, 2]])

@@ -23,8 +23,8 @@ def test_replace_one_layer_and_remove_another(toy_decoder, structure):
 
     assert result.modified
     assert structure(model) == structure(toy_decoder([1, 2], low_rank=layer_1))
-    assert (replace.stats.layers_replaced, replace.stats.layers_removed, replace.stats.matmuls_split) == (1, 1, 2)
-    assert replace.stats.params_after == 2 * 8 + 1 * 8
+    assert (result.stats.layers_replaced, result.stats.layers_removed, result.stats.matmuls_split) == (1, 1, 2)
+    assert result.stats.params_after == 2 * 8 + 1 * 8
 
 
 @pytest.mark.parametrize(
@@ -68,14 +68,14 @@ def test_exported_llama_with_a_plan_matches_torch(fresh_torch_and_onnx, decoder_
     torch_model, onnx_model = fresh_torch_and_onnx
     plan = _plan(torch_model, replaced_layer=1, removed_layer=2, factors_for=factors_for, rank=3)
 
-    replace = ReplaceLayersPass.from_plan(plan)
-    replace(onnx_model)
+    result = ReplaceLayersPass.from_plan(plan)(onnx_model)
     with torch.no_grad():
         for linear in plan.low_rank_linears():
             product = plan.factors[f"{linear.module}.B"] @ plan.factors[f"{linear.module}.A"]
             torch_model.get_submodule(linear.module).weight.copy_(torch.from_numpy(product))
     decoder_parity.delete_layers(torch_model, [2])
 
-    assert (replace.stats.layers_replaced, replace.stats.layers_removed, replace.stats.matmuls_split) == (1, 1, 7)
+    stats = result.stats
+    assert (stats.layers_replaced, stats.layers_removed, stats.matmuls_split) == (1, 1, 7)
     feeds = decoder_parity.feeds(2)
     decoder_parity.assert_close(decoder_parity.onnx(onnx_model, feeds), decoder_parity.torch(torch_model, feeds))

@@ -1,4 +1,4 @@
-"""LowRankSplitPass: before/after on a toy decoder graph, parity with PyTorch on exported models."""
+"""SplitLowRankPass: before/after on a toy decoder graph, parity with PyTorch on exported models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from edgecompress.errors import EdgeCompressError
 from edgecompress.passes.layer_map import build_layer_map
-from edgecompress.passes.low_rank_split import LowRankSplitPass
+from edgecompress.passes.split_low_rank import SplitLowRankPass
 
 LINEAR_CLASS = "torch.nn.modules.linear.Linear"
 LAYER_1 = [f"model.layers.1.{part}" for part in (
@@ -28,25 +28,25 @@ def test_split_gives_the_graph_built_with_two_matmuls(toy_decoder, structure):
     factors = {"model.layers.1.self_attn.q_proj": _factors(2), "lm_head": _factors(3, out_features=6, seed=1)}
     model = toy_decoder([0, 1, 2])
 
-    result = LowRankSplitPass(factors)(model)
+    result = SplitLowRankPass(factors)(model)
 
     assert result.modified and result.model is model
     assert structure(model) == structure(toy_decoder([0, 1, 2], low_rank=factors))
 
 
 def test_counts_for_the_report(toy_decoder):
-    split = LowRankSplitPass({"model.layers.0.mlp.down_proj": _factors(1), "lm_head": _factors(2, out_features=6)})
+    split = SplitLowRankPass({"model.layers.0.mlp.down_proj": _factors(1), "lm_head": _factors(2, out_features=6)})
 
-    split(toy_decoder([0, 1]))
+    split_result = split(toy_decoder([0, 1]))
 
-    assert split.stats.matmuls_split == 2
-    assert split.stats.params_before == 4 * 4 + 6 * 4
-    assert split.stats.params_after == (1 * 4 + 4 * 1) + (2 * 4 + 6 * 2)
+    assert split_result.stats.matmuls_split == 2
+    assert split_result.stats.params_before == 4 * 4 + 6 * 4
+    assert split_result.stats.params_after == (1 * 4 + 4 * 1) + (2 * 4 + 6 * 2)
 
 
 def test_split_linear_still_maps_to_one_site(toy_decoder):
     model = toy_decoder([0, 1])
-    LowRankSplitPass({"model.layers.0.self_attn.k_proj": _factors(2)})(model)
+    SplitLowRankPass({"model.layers.0.self_attn.k_proj": _factors(2)})(model)
 
     site = build_layer_map(model.graph).find_linear("model.layers.0.self_attn.k_proj")
 
@@ -57,7 +57,7 @@ def test_no_factors_is_no_change(toy_decoder, structure):
     model = toy_decoder([0])
     before = structure(model)
 
-    assert not LowRankSplitPass({})(model).modified
+    assert not SplitLowRankPass({})(model).modified
     assert structure(model) == before
 
 
@@ -72,26 +72,26 @@ def test_no_factors_is_no_change(toy_decoder, structure):
 )
 def test_bad_factors_are_user_errors(toy_decoder, factors, message):
     with pytest.raises(EdgeCompressError, match=message) as error:
-        LowRankSplitPass(factors)(toy_decoder([0, 1]))
+        SplitLowRankPass(factors)(toy_decoder([0, 1]))
     assert "\n" not in str(error.value)
 
 
 def test_splitting_twice_is_a_user_error(toy_decoder):
     model = toy_decoder([0])
-    LowRankSplitPass({"lm_head": _factors(2, out_features=6)})(model)
+    SplitLowRankPass({"lm_head": _factors(2, out_features=6)})(model)
 
     with pytest.raises(EdgeCompressError, match="already split"):
-        LowRankSplitPass({"lm_head": _factors(2, out_features=6)})(model)
+        SplitLowRankPass({"lm_head": _factors(2, out_features=6)})(model)
 
 
 def test_full_rank_factors_reproduce_the_dense_llama(fresh_torch_and_onnx, decoder_parity, factors_for):
     torch_model, onnx_model = fresh_torch_and_onnx
     initializers_before = set(onnx_model.graph.initializers)
 
-    split = LowRankSplitPass(factors_for(torch_model, LAYER_1 + ["lm_head"]))
-    split(onnx_model)
+    split = SplitLowRankPass(factors_for(torch_model, LAYER_1 + ["lm_head"]))
+    split_result = split(onnx_model)
 
-    assert split.stats.matmuls_split == 8
+    assert split_result.stats.matmuls_split == 8
     # The dense weights are gone, not just unused.
     layer_map = build_layer_map(onnx_model.graph)
     for module in LAYER_1:
@@ -113,11 +113,11 @@ def test_low_rank_llama_matches_torch_with_the_same_factors(fresh_torch_and_onnx
     torch_model, onnx_model = fresh_torch_and_onnx
     factors = factors_for(torch_model, LAYER_1 + ["model.layers.2.self_attn.q_proj"], rank=4)
 
-    split = LowRankSplitPass(factors)
-    split(onnx_model)
+    split = SplitLowRankPass(factors)
+    split_result = split(onnx_model)
     _apply_factors_in_torch(torch_model, factors)
 
-    assert split.stats.params_after < split.stats.params_before
+    assert split_result.stats.params_after < split_result.stats.params_before
     feeds = decoder_parity.feeds(3)
     decoder_parity.assert_close(decoder_parity.onnx(onnx_model, feeds), decoder_parity.torch(torch_model, feeds))
 
@@ -130,7 +130,7 @@ def test_low_rank_keeps_the_bias_add_of_qwen2(exported_qwen2, decoder_parity, fa
     factors = factors_for(torch_model, ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"], rank=3)
     adds_before = sum(node.op_type == "Add" for node in onnx_model.graph)
 
-    LowRankSplitPass(factors)(onnx_model)
+    SplitLowRankPass(factors)(onnx_model)
     _apply_factors_in_torch(torch_model, factors)
 
     assert sum(node.op_type == "Add" for node in onnx_model.graph) == adds_before
@@ -149,7 +149,7 @@ def test_a_new_bias_replaces_the_graph_bias_of_qwen2(exported_qwen2, decoder_par
     a, b = factors_for(torch_model, [module], rank=2)[module]
     bias = torch_model.get_submodule(module).bias.detach().numpy() + 0.25
 
-    LowRankSplitPass({module: (a, b, bias)})(onnx_model)
+    SplitLowRankPass({module: (a, b, bias)})(onnx_model)
     _apply_factors_in_torch(torch_model, {module: (a, b)})
     with torch.no_grad():
         torch_model.get_submodule(module).bias.copy_(torch.from_numpy(bias))
@@ -165,7 +165,7 @@ def test_a_new_bias_replaces_the_graph_bias_of_qwen2(exported_qwen2, decoder_par
 def test_bad_biases_are_user_errors(toy_decoder, bias, message):
     a, b = _factors(2)
     with pytest.raises(EdgeCompressError, match=message):
-        LowRankSplitPass({"model.layers.0.self_attn.q_proj": (a, b, bias)})(toy_decoder([0]))
+        SplitLowRankPass({"model.layers.0.self_attn.q_proj": (a, b, bias)})(toy_decoder([0]))
 
 
 def _single_linear_graph(form: str, weight: np.ndarray, bias: np.ndarray) -> ir.Model:
@@ -202,7 +202,7 @@ def test_other_linear_forms_split_exactly(form):
     new_bias = bias + 1.0
     model = _single_linear_graph(form, weight, bias)
 
-    LowRankSplitPass({"fc": (a, b, new_bias)})(model)
+    SplitLowRankPass({"fc": (a, b, new_bias)})(model)
 
     assert "fc.weight" not in model.graph.initializers and "fc.bias" not in model.graph.initializers
     assert not any(node.op_type == "Transpose" for node in model.graph)

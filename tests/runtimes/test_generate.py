@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +11,7 @@ from edgecompress.errors import EdgeCompressError
 from edgecompress.runtimes.decoder import OrtDecoder
 from edgecompress.runtimes.generate import TextGenerator
 from edgecompress.runtimes.sampling import SamplingSettings
+from tests.helpers import run_cli
 
 PROMPT = "why is the sky blue"
 
@@ -97,10 +96,6 @@ def test_corrupted_file_is_refused(artifact_copy):
     data.write_bytes(bytes(raw))
     with pytest.raises(EdgeCompressError, match="sha256"):
         api.generate(artifact_copy, PROMPT, max_new_tokens=2)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgecompress.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_streams_text_and_reports_on_stderr(tiny_llama_artifact, generator):

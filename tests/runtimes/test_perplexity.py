@@ -104,11 +104,22 @@ def test_cli_eval_prints_json(tiny_llama_artifact, tiny_text):
 
 
 @pytest.fixture(scope="module")
-def other_artifact(tiny_qwen2_dir, tmp_path_factory):
-    """A different model with the same tokenizer: a reference whose perplexity differs."""
-    out = tmp_path_factory.mktemp("reference") / "tiny-qwen2"
-    api.build(str(tiny_qwen2_dir), "cpu-x86", out)
+def other_artifact(tmp_path_factory):
+    """A different model with the same tokenizer (other random weights): a reference whose perplexity differs."""
+    from tests.tiny_models import save_tiny_model
+
+    model = save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-seed1", "llama", seed=1)
+    out = tmp_path_factory.mktemp("reference") / "tiny-llama-seed1"
+    api.build(str(model), "cpu-x86", out)
     return out
+
+
+def test_a_reference_with_another_tokenizer_is_refused(tiny_llama_artifact, tiny_qwen2_dir, tiny_text, tmp_path):
+    """The qwen2 tokenizer splits the same text differently: no ratio over different token windows."""
+    folder, _ = tiny_llama_artifact
+    api.build(str(tiny_qwen2_dir), "cpu-x86", tmp_path / "qwen2")
+    with pytest.raises(EdgeCompressError, match="different token windows"):
+        api.eval(folder, tiny_text, limit=3, seq_len=16, reference=tmp_path / "qwen2")
 
 
 def test_reference_is_scored_on_the_same_windows(tiny_llama_artifact, other_artifact, tiny_text):
@@ -125,3 +136,22 @@ def test_missing_reference_fails_before_scoring(tiny_llama_artifact, tiny_text, 
     folder, _ = tiny_llama_artifact
     with pytest.raises(EdgeCompressError, match="not an artifact folder"):
         api.eval(folder, tiny_text, limit=2, seq_len=16, reference=tmp_path / "missing")
+
+
+def test_eval_without_any_data_names_the_options(tiny_llama_artifact, tmp_path):
+    from tests.helpers import assert_one_line_error, environment_without_data, run_cli
+
+    folder, _ = tiny_llama_artifact
+    result = run_cli("eval", str(folder), cwd=tmp_path, env=environment_without_data(HF_HOME=str(tmp_path / "hf")))
+    assert_one_line_error(result, "no evaluation text")
+    assert result.returncode == 2 and "--data" in result.stderr and "EDGECOMPRESS_DATA" in result.stderr
+
+
+def test_eval_reads_the_data_folder(tiny_llama_artifact, tiny_text, tmp_path, monkeypatch):
+    (tmp_path / "wiki.test.raw").write_bytes(tiny_text.read_bytes())
+    monkeypatch.setenv("EDGECOMPRESS_DATA", str(tmp_path))
+    folder, _ = tiny_llama_artifact
+    result = api.eval(folder, limit=2, seq_len=16)
+    assert result["settings"]["data"] == str(tmp_path / "wiki.test.raw")
+    assert result["settings"]["data_origin"] == "EDGECOMPRESS_DATA"
+    assert result["perplexity"] == pytest.approx(api.eval(folder, tiny_text, limit=2, seq_len=16)["perplexity"])

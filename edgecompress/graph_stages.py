@@ -1,0 +1,94 @@
+"""The graph stages of a build: which passes run, in which order, on one in-memory onnx-ir model.
+
+- `plan_passes(plan)`: the compression plan's layer replacement (low-rank splits, then layer
+  removal), on the fp32 export, before verification against PyTorch with the same plan applied;
+- `optimize_passes(formats, gguf)`: weight formats (exact GGUF blocks where they map, then
+  round-to-nearest MatMulNBits for every other MatMul), then onnxruntime fusions; after that
+  verification, and checked against the verified fp32 export.
+
+`run_stage` runs one list with onnx-ir's pass infrastructure (each pass's requires/ensures) and
+returns the report section: each pass's statistics by role, and, for a fusion stage, the expected
+fusions that did not happen with the reason. The pipeline loads or exports once per stage and saves
+once (edgecompress.export.save_model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from edgecompress.options import WeightFormats
+from edgecompress.passes import (
+    FuseGroupQueryAttentionPass,
+    FuseOrtOpsPass,
+    MapGgufWeightsPass,
+    QuantizeWeightsPass,
+    ReplaceLayersPass,
+    StatsResult,
+)
+from edgecompress.passes.fuse_ort_ops import missing_fusions, op_type_counts
+
+# Roles group a stage's passes in the report; the plan stage's single pass is reported at the top.
+WEIGHTS, FUSION = "weights", "fusion"
+
+
+@dataclasses.dataclass
+class StageResult(ir.passes.PassResult):
+    results: list[StatsResult] = dataclasses.field(default_factory=list)
+
+
+class StagePasses(ir.passes.Sequential):
+    """onnx-ir's Sequential, keeping every pass's result; user-facing errors pass through unwrapped
+    (Sequential would wrap a PassInputError in a PassError and lose its one-line message)."""
+
+    def call(self, model: ir.Model) -> StageResult:
+        results = []
+        for pass_ in self.passes:
+            results.append(pass_(model))
+            model = results[-1].model
+        return StageResult(model, modified=any(result.modified for result in results), results=results)
+
+
+def plan_passes(plan) -> list[tuple[str | None, ir.passes.PassBase]]:
+    """Apply a CompressionPlan: SplitLowRankPass then RemoveLayersPass, composed."""
+    return [(None, ReplaceLayersPass.from_plan(plan))]
+
+
+def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None) -> list[tuple[str, ir.passes.PassBase]]:
+    """Weight formats first (GGUF blocks kept exactly where they map), then onnxruntime fusions."""
+    passes: list[tuple[str, ir.passes.PassBase]] = []
+    if formats.weights != "fp32":
+        if gguf_blocks:
+            passes.append((WEIGHTS, MapGgufWeightsPass(gguf_blocks, accuracy_level=formats.accuracy_level)))
+        bits = 4 if formats.weights == "int4" else 8
+        passes.append((WEIGHTS, QuantizeWeightsPass(bits, formats.block_size, accuracy_level=formats.accuracy_level)))
+    if formats.fuse:
+        passes += [(FUSION, FuseOrtOpsPass()), (FUSION, FuseGroupQueryAttentionPass())]
+    return passes
+
+
+def run_stage(model: ir.Model, passes: list[tuple[str | None, ir.passes.PassBase]]) -> dict[str, Any]:
+    """Run the passes in order on `model` (in place); the report section, passes grouped by role."""
+    started = time.perf_counter()
+    report: dict[str, Any] = {}
+    if not passes:
+        return report
+    before = op_type_counts(model.graph)
+    result = StagePasses(*(pass_ for _, pass_ in passes))(model)
+    for (role, pass_), outcome in zip(passes, result.results):
+        (report.setdefault(role, {}) if role else report)[type(pass_).__name__] = outcome.summary()
+    if FUSION in report:  # weight passes add no fused op types, so the whole stage shows what fused
+        report[FUSION]["missing"] = missing_fusions(before, op_type_counts(model.graph))
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def load_model(folder: Path) -> ir.Model:
+    """The saved fp32 export, weights memory-mapped from its data file (read only where a pass reads)."""
+    from edgecompress.contract import MODEL_FILE
+
+    return ir.load(str(folder / MODEL_FILE))

@@ -1,0 +1,221 @@
+"""What a user may ask a build for: every default, every compression method and every check, in one place.
+
+The CLI (`edgecompress build --help`) and the Python API (`edgecompress.build`) take their defaults
+and the method list from here, and the pipeline validates a `BuildOptions` once, before loading
+anything, with the checks below; `make_plan` and the graph passes call the same checks, so one option
+always gets the same message. Torch-free and cheap to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgecompress.errors import EdgeCompressError
+
+if TYPE_CHECKING:
+    from edgecompress.profiles import TargetProfile
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a compression method does: which layers, what happens to them, and how factors are chosen."""
+
+    layers: str  # "chosen": the most redundant layers by score | "all"
+    action: str  # "replace" (low-rank Linears) | "remove" (the whole layer)
+    basis: str = "weight"  # "weight": SVD of W | "whitened": SVD of W L (SVD-LLM)
+    selection: str = "largest"  # "largest" singular values | "attribution" (gradient scores, GRASP)
+    refit: str | None = None  # "layer" | "end-to-end": a short refit of the chosen layers' factors
+    summary: str = ""  # one line for --help
+
+
+METHODS = {
+    "grasp": MethodSpec("chosen", "replace", "weight", "attribution", summary="GRASP: gradient-scored singular groups"),
+    "grasp-w": MethodSpec("chosen", "replace", "whitened", "largest", summary="SVD-LLM's whitened factors in GRASP's layers"),
+    "grasp-wr": MethodSpec("chosen", "replace", "whitened", "largest", refit="layer",
+                           summary="grasp-w plus a short layer-wise refit of the factors"),
+    "grasp-wre": MethodSpec("chosen", "replace", "whitened", "largest", refit="end-to-end",
+                            summary="grasp-w plus an end-to-end refit (slower)"),
+    "grasp-wt": MethodSpec("chosen", "replace", "whitened", "attribution",
+                           summary="gradient-scored groups in the whitened basis"),
+    "grasp-topsigma": MethodSpec("chosen", "replace", "weight", "largest", summary="ablation: GRASP's layers, largest sigma"),
+    "shortgpt": MethodSpec("chosen", "remove", summary="remove the lowest-Block-Influence layers"),
+    "svd": MethodSpec("all", "replace", "weight", "largest", summary="plain SVD of every Linear"),
+    "svd-llm": MethodSpec("all", "replace", "whitened", "largest", summary="SVD-LLM: whitened SVD of every Linear"),
+}
+DEFAULT_METHOD = "grasp"
+DEFAULT_RHO = 0.9  # fraction of each replaced matrix's parameters removed
+DEFAULT_CALIB_SEQUENCES = 16
+DEFAULT_CALIB_SEQ_LEN = 512
+SELF = "self"  # --calibration self[:N]: text the model generates itself
+SCORE_METRICS = ("taylor", "gradient")  # |sigma * G| (GRASP) or |G|
+DEVICES = ("cpu", "cuda")
+# The build's perplexity: windows of EVAL_SEQ_LEN tokens, DEFAULT_EVAL_WINDOWS of them for compressed
+# or low-bit builds (none for plain fp32 ones: they equal PyTorch by verification).
+DEFAULT_EVAL_WINDOWS = 40
+EVAL_SEQ_LEN = 512
+WEIGHT_FORMATS = ("fp32", "int8", "int4")
+PLANNED_WEIGHT_FORMATS = ("fp16",)  # listed by GPU profiles; no bundled profile builds it yet
+FUSE_DEFAULTS = (True, False, "low-bit")  # a profile's `fuse`: "low-bit" fuses int8/int4 builds only
+
+
+def method_help() -> str:
+    return "; ".join(f"{name} ({spec.summary})" for name, spec in METHODS.items())
+
+
+def check_method(method: str) -> MethodSpec:
+    if method not in METHODS:
+        raise EdgeCompressError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def check_ratio(ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise EdgeCompressError(f"ratio must be a fraction strictly between 0 and 1, got {ratio!r}")
+    return float(ratio)
+
+
+def check_rho(rho) -> float:
+    if not isinstance(rho, (int, float)) or not 0.0 < float(rho) < 1.0:
+        raise EdgeCompressError(f"--rho must be strictly between 0 and 1, got {rho!r}")
+    return float(rho)
+
+
+def check_calibration_size(n_sequences: int, seq_len: int) -> None:
+    if n_sequences < 1 or seq_len < 2:
+        raise EdgeCompressError(f"need at least 1 calibration sequence of 2 tokens, got {n_sequences} x {seq_len}")
+
+
+def parse_self_spec(spec: str) -> int | None:
+    """`self` -> None (as many sequences as asked), `self:N` -> N; anything else after `self:` is refused."""
+    if spec == SELF:
+        return None
+    count = spec[len(SELF) + 1:]
+    if not count.isdigit() or int(count) < 1:
+        raise EdgeCompressError(f"bad calibration spec {spec!r}: use self or self:N with N a positive number of sequences")
+    return int(count)
+
+
+def is_self_spec(spec: str | os.PathLike | None) -> bool:
+    return isinstance(spec, str) and (spec == SELF or spec.startswith(SELF + ":"))
+
+
+def check_score_metric(metric: str) -> str:
+    if metric not in SCORE_METRICS:
+        raise EdgeCompressError(f"unknown score metric {metric!r}; use one of {', '.join(SCORE_METRICS)}")
+    return metric
+
+
+def check_device(device: str) -> str:
+    if device.split(":")[0] not in DEVICES:
+        raise EdgeCompressError(f"unknown device '{device}'; use cpu or cuda[:N]")
+    return device
+
+
+def check_eval_limit(limit: int | None) -> None:
+    if limit is not None and limit < 0:
+        raise EdgeCompressError(f"--eval-limit must be 0 (no evaluation) or a number of windows, got {limit}")
+
+
+@dataclass
+class CompressOptions:
+    """How to compress; the plan it leads to is saved in the artifact's plan/ folder."""
+
+    method: str = DEFAULT_METHOD
+    ratio: float | None = None  # fraction of ALL parameters removed, embeddings included
+    plan: Path | None = None  # reuse a saved plan: skips calibration and attribution
+    calibration: str | None = None  # file, hf: spec or self[:N]; None: runtimes.text_sources' order
+    calib_sequences: int = DEFAULT_CALIB_SEQUENCES
+    calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
+    seed: int | None = None  # None: windows from the start; a seed: random windows (and self-generation)
+    rho: float = DEFAULT_RHO
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Everything that can be refused before the model is loaded (a saved plan is read by the pipeline)."""
+        if self.plan is not None:
+            return
+        check_method(self.method)
+        if self.ratio is None:
+            raise EdgeCompressError("compression needs --ratio (fraction of all parameters to remove) or --plan")
+        check_ratio(self.ratio)
+        check_rho(self.rho)
+        check_calibration_size(self.calib_sequences, self.calib_seq_len)
+        check_device(self.device)
+        if is_self_spec(self.calibration):
+            parse_self_spec(self.calibration)
+
+
+@dataclass
+class BuildOptions:
+    model: str | None = None
+    target: str | None = None
+    out: Path | None = None
+    force: bool = False
+    revision: str | None = None
+    trust_remote_code: bool = False
+    compress: CompressOptions | None = None
+    # Windows for the artifact's perplexity in the report; None: DEFAULT_EVAL_WINDOWS for compressed or
+    # low-bit builds and none for plain fp32 ones; 0: never.
+    eval_limit: int | None = None
+    eval_data: str | None = None  # file or hf: spec; None: runtimes.text_sources' order
+    weights: str | None = None  # fp32 | int8 | int4; None: the target's default
+    block_size: int | None = None  # MatMulNBits block along K; None: the target's default
+    fuse: bool | None = None  # onnxruntime contrib-op fusions; None: the target's default
+
+    def validate(self) -> None:
+        check_eval_limit(self.eval_limit)
+        if self.compress is not None:
+            self.compress.validate()
+
+
+@dataclass(frozen=True)
+class WeightFormats:
+    """The weight format of a build, resolved from the options and the target's defaults."""
+
+    weights: str
+    block_size: int
+    accuracy_level: int | None
+    fuse: bool
+
+    @property
+    def optimized(self) -> bool:
+        """Anything after the verified fp32 export: low-bit weights or fusions."""
+        return self.weights != "fp32" or self.fuse
+
+    def as_dict(self) -> dict:
+        return {"weights": self.weights, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                "fuse": self.fuse}
+
+
+def check_weight_format(weights: str, block_size: int, accuracy_level: int | None = 4) -> None:
+    """A format this version builds, with a block size and accuracy level MatMulNBits accepts."""
+    known = WEIGHT_FORMATS + PLANNED_WEIGHT_FORMATS
+    if weights not in known:
+        raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(known)}")
+    if weights in PLANNED_WEIGHT_FORMATS:
+        raise EdgeCompressError(f"{weights} weights are not implemented in this version; use {', '.join(WEIGHT_FORMATS)}")
+    if weights != "fp32":
+        from edgecompress.passes.quantize_weights import check_format
+
+        check_format(4 if weights == "int4" else 8, block_size, accuracy_level)
+
+
+def resolve_formats(options: BuildOptions, profile: TargetProfile) -> WeightFormats:
+    """Weight format, block size and fusion from the options or the target's defaults; refused early."""
+    weights = options.weights or profile.weights
+    known = WEIGHT_FORMATS + PLANNED_WEIGHT_FORMATS
+    if weights not in known:
+        raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(known)}")
+    if weights not in profile.weight_formats:
+        raise EdgeCompressError(
+            f"target '{profile.name}' cannot run {weights} weights; it supports {', '.join(profile.weight_formats)}"
+        )
+    block_size = int(options.block_size or profile.block_size)
+    check_weight_format(weights, block_size, profile.accuracy_level)
+    fuse = options.fuse
+    if fuse is None:
+        fuse = weights != "fp32" if profile.fuse == "low-bit" else profile.fuse
+    return WeightFormats(weights, block_size, profile.accuracy_level, bool(fuse))

@@ -1,0 +1,87 @@
+"""The optimize stage on a copy of the tiny built artifact: one load, the pass list, one save; still runs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from edgecompress import graph_stages
+from edgecompress.errors import EdgeCompressError
+from edgecompress.export import save_model
+from edgecompress.options import WeightFormats, check_weight_format
+
+
+@pytest.fixture
+def artifact(tiny_llama_artifact, tmp_path):
+    folder = tmp_path / "artifact"
+    shutil.copytree(tiny_llama_artifact[0], folder)
+    return folder
+
+
+def _logits(folder) -> np.ndarray:
+    from edgecompress.runtimes.decoder import OrtDecoder
+
+    decoder = OrtDecoder(folder)
+    ids = np.array([[3, 5, 7, 9, 11, 13]], dtype=np.int64)
+    out = decoder.forward(ids, np.ones_like(ids), np.arange(6, dtype=np.int64)[None], decoder.empty_cache(1))
+    return out[0]
+
+
+@pytest.mark.parametrize("weights,bits", [("int4", 4), ("int8", 8)])
+def test_quantize_then_fuse_in_one_stage(artifact, tmp_path, weights, bits):
+    import onnx_ir as ir
+
+    dense = _logits(artifact)
+    size_before = (artifact / "model.onnx.data").stat().st_size
+    model = graph_stages.load_model(artifact)
+
+    report = graph_stages.run_stage(model, graph_stages.optimize_passes(WeightFormats(weights, 32, 4, True)))
+    out = tmp_path / "optimized"
+    save_model(model, out)
+
+    stats = report["weights"]["QuantizeWeightsPass"]
+    assert stats["matmuls_quantized"] == 3 * 7 + 1 and stats["lm_head_quantized"]
+    assert report["fusion"]["FuseOrtOpsPass"]["fused_ops"]["SkipSimplifiedLayerNormalization"] == 6
+    assert (out / "model.onnx.data").stat().st_size < size_before
+    saved = ir.load(str(out / "model.onnx"))
+    nodes = [node for node in saved.graph if node.op_type == "MatMulNBits"]
+    assert len(nodes) == 22 and {node.attributes.get_int("bits") for node in nodes} == {bits}
+    logits = _logits(out)
+    assert logits.shape == dense.shape and np.isfinite(logits).all()
+    drift = np.abs(logits - dense).max() / np.abs(dense).max()
+    assert drift < (0.3 if bits == 4 else 0.03)  # the tiny model's random weights: see the pass tests
+
+
+def test_fp32_unfused_has_no_passes(artifact):
+    model = graph_stages.load_model(artifact)
+    nodes = len(model.graph)
+    assert graph_stages.optimize_passes(WeightFormats("fp32", 32, 4, False)) == []
+    assert graph_stages.run_stage(model, []) == {} and len(model.graph) == nodes
+
+
+@pytest.mark.parametrize("args,message", [
+    (("int3", 32), "unknown weight format"),
+    (("int4", 48), "block size must be one of"),
+    (("fp16", 32), "not implemented"),
+])
+def test_bad_format_is_refused_before_any_pass(args, message):
+    with pytest.raises(EdgeCompressError, match=message):
+        check_weight_format(*args)
+
+
+def test_missing_gguf_source_is_refused():
+    from edgecompress.gguf_blocks import exact_blocks
+
+    with pytest.raises(EdgeCompressError, match="does not exist"):
+        exact_blocks("/nonexistent/model.gguf", "int4")
+
+
+def test_a_pass_error_is_the_users_one_line_error(artifact):
+    """Sequential would wrap a PassInputError in PassError; the stage lets it through as it is."""
+    from edgecompress.passes import RemoveLayersPass
+
+    model = graph_stages.load_model(artifact)
+    with pytest.raises(EdgeCompressError, match="cannot remove layers \\[7\\]"):
+        graph_stages.run_stage(model, [(None, RemoveLayersPass([7]))])
