@@ -67,12 +67,21 @@ def one_build(label: str, env: dict, out: Path, cwd: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before-src", type=Path, required=True, help="checkout of the earlier commit")
+    parser.add_argument("--before-src", type=Path, help="checkout of the earlier commit")
+    parser.add_argument("--summarize", action="store_true", help="recompute the summary of the results file's rows")
     parser.add_argument("--after-src", type=Path, help="checkout of the later commit (default: the installed package)")
     parser.add_argument("--label-before", default="before")
     parser.add_argument("--label-after", default="after")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.summarize:
+        record = json.loads(RESULTS.read_text())
+        trees = list(dict.fromkeys(row["tree"] for row in record["rows"]))
+        record["summary"] = summarize(record["rows"], trees[0], trees[1])
+        RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+        return print(json.dumps(record["summary"], indent=2))
+    if args.before_src is None:
+        raise SystemExit("--before-src is required (a checkout of the earlier commit)")
     data = os.environ.get("EDGECOMPRESS_DATA")
     if not data:
         raise SystemExit("set EDGECOMPRESS_DATA to the WikiText-2 folder (make sets it): both trees calibrate on it")
@@ -101,17 +110,37 @@ def main() -> None:
                 row["round"] = round_index
                 record["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    summary = {}
-    for label in envs:
-        walls = [row["wall_seconds"] for row in record["rows"] if row["tree"] == label]
-        summary[label] = {"median_wall_seconds": statistics.median(walls), "walls": walls}
-    summary["after_over_before"] = round(summary[args.label_after]["median_wall_seconds"]
-                                         / summary[args.label_before]["median_wall_seconds"], 3)
-    record["summary"] = summary
+    record["summary"] = summarize(record["rows"], args.label_before, args.label_after)
     record["machine"]["load_average_at_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(record["summary"], indent=2))
+
+
+# Stages whose work the consolidation changed: graph passes, saving and re-loading the model.
+GRAPH_IO_STAGES = ("passes", "save", "optimize")
+
+
+def summarize(rows: list[dict], before: str, after: str) -> dict:
+    """Medians per tree: wall time, the graph/IO stages, the time outside any stage (folder copies),
+    and the ratios after/before; perplexities, which must be identical (no change in behaviour)."""
+    summary: dict = {}
+    for label in (before, after):
+        mine = [row for row in rows if row["tree"] == label]
+        summary[label] = {
+            "median_wall_seconds": statistics.median(row["wall_seconds"] for row in mine),
+            "walls": [row["wall_seconds"] for row in mine],
+            "median_graph_io_stage_seconds": round(statistics.median(
+                sum(row["stage_seconds"].get(stage, 0.0) for stage in GRAPH_IO_STAGES) for row in mine), 2),
+            "median_seconds_outside_stages": round(statistics.median(
+                row["report_total_seconds"] - sum(row["stage_seconds"].values()) for row in mine), 2),
+            "median_peak_rss_mb": statistics.median(row["peak_rss_mb"] for row in mine),
+            "perplexities": sorted({row["perplexity"] for row in mine}),
+        }
+    for key in ("median_wall_seconds", "median_graph_io_stage_seconds", "median_peak_rss_mb"):
+        summary[f"after_over_before_{key}"] = round(summary[after][key] / summary[before][key], 3)
+    summary["graph_io_stages"] = list(GRAPH_IO_STAGES)
+    return summary
 
 
 if __name__ == "__main__":

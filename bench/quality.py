@@ -139,6 +139,11 @@ def main() -> None:
         for key in ("dense_full_split", "notes"):  # measured or written by an earlier run
             if key in previous:
                 record[key] = previous[key]
+        # Rows keep the run (date and machine) that measured them; untagged rows are the earliest run's.
+        record["earlier_runs"] = previous.get("earlier_runs", []) + [
+            {"created": previous["created"], "machine": previous["machine"]}]
+        for row in record["rows"]:
+            row.setdefault("run", previous["created"])
     calibration = args.calibration or DEFAULT_CALIBRATION
     done = {(r["method"], r["target_ratio"], r.get("calibration", DEFAULT_CALIBRATION)) for r in record["rows"]}
     configs = [(m, float(r)) for m, r in (c.split("@") for c in args.order)] if args.order else [
@@ -161,7 +166,8 @@ def main() -> None:
             if (method, ratio, calibration) in done:
                 continue
             plan_dir = work / f"plan-{method}-{ratio}"
-            row = {"method": method, "target_ratio": ratio, "calibration": calibration, "code": _code_hash(),
+            row = {"method": method, "target_ratio": ratio, "calibration": calibration, "run": record["created"],
+                   "code": _code_hash(),
                    **run_child(method, ratio, plan_dir, args)}
             if "error" not in row:
                 row.update(evaluate_plan(dense, plan_dir, work, limit, args.seq_len))

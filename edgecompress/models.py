@@ -6,7 +6,6 @@ fails in milliseconds with one clear line.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecompress.errors import EdgeCompressError
+from edgecompress.errors import EdgeCompressError, first_line
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_MODEL = "smollm2-135m"
@@ -154,7 +153,7 @@ def _check_gguf_header(path: Path) -> None:
 
         GGUFReader(str(path))  # parses the header and the tensor table; raises on truncation
     except Exception as exc:  # the reader raises a mix of ValueError/IndexError/struct errors
-        raise EdgeCompressError(f"corrupt or truncated GGUF file '{path}': {str(exc).splitlines()[0]}") from None
+        raise EdgeCompressError(f"corrupt or truncated GGUF file '{path}': {first_line(exc)}") from None
 
 
 def check_model_type(model_type: str | None) -> None:
@@ -182,13 +181,13 @@ def load(source: ModelSource) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as exc:
-        raise EdgeCompressError(f"cannot load the config of '{source.spec}': {_first_line(exc)}") from None
+        raise EdgeCompressError(f"cannot load the config of '{source.spec}': {first_line(exc)}") from None
     check_model_type(config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise EdgeCompressError(f"cannot load '{source.spec}': {_first_line(exc)}") from None
+        raise EdgeCompressError(f"cannot load '{source.spec}': {first_line(exc)}") from None
     model.eval()
     try:
         generation_config = GenerationConfig.from_pretrained(source.location, **kwargs)
@@ -197,18 +196,3 @@ def load(source: ModelSource) -> LoadedModel:
     n_params = sum(p.numel() for p in model.parameters())
     info = {"parameters": n_params, "model_type": config.model_type, "num_layers": config.num_hidden_layers}
     return LoadedModel(model, tokenizer, config, source, generation_config, info)
-
-
-def weights_hash(model: Any) -> str:
-    """sha256 over parameter names, shapes and bytes: the identity of the weights, whatever the source."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -33,11 +33,12 @@ ORT_ONLY_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 
 @dataclass
 class Tolerances:
-    """Logits may differ by at most atol + rtol * max|reference logit| (float rounding across kernels)."""
+    """Logits may differ by at most atol + rtol * max|reference logit| (float rounding across kernels).
+    The values, and their defaults, are the target profile's `[verify]` table."""
 
-    atol: float = 1e-3
-    rtol: float = 1e-4
-    greedy_tokens: int = 16
+    atol: float
+    rtol: float
+    greedy_tokens: int
 
     @classmethod
     def from_profile(cls, profile: TargetProfile) -> "Tolerances":

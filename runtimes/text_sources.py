@@ -34,7 +34,10 @@ WIKITEXT_DATASET = ("wikitext", "wikitext-2-raw-v1")
 WIKITEXT_SPLITS = {CALIBRATION: "validation", EVALUATION: "test"}
 # The evaluation split, by file name and by content: calibrating on it would leak the test set.
 WIKITEXT_TEST_FILES = ("wiki.test.raw", "wiki.test.tokens")
-WIKITEXT_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+WIKITEXT_TEST_SHA256 = (
+    "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a",  # wiki.test.raw, as read here
+    "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",  # recorded earlier (another form)
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def read_spec(spec: str, role: str) -> TextSource:
     if not path.is_file():
         raise ArtifactRuntimeError(f"{role} text '{spec}' does not exist")
     text = read_text_file(path)
-    if role == CALIBRATION and (path.name in WIKITEXT_TEST_FILES or sha256_text(text) == WIKITEXT_TEST_SHA256):
+    if role == CALIBRATION and (path.name in WIKITEXT_TEST_FILES or sha256_text(text) in WIKITEXT_TEST_SHA256):
         raise ArtifactRuntimeError(
             f"{spec} is the WikiText-2 evaluation (test) split; calibrate on "
             f"{WIKITEXT_FILES[CALIBRATION]} or another text instead"

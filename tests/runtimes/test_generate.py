@@ -130,3 +130,27 @@ def test_help_lists_the_options(verb, options):
     text = run_cli(verb, "--help").stdout
     for option in options:
         assert option in text
+
+
+def test_a_model_without_a_kv_cache_is_a_one_line_error(tiny_llama_artifact, tmp_path):
+    """A valid ONNX model and manifest, but not a KV-cache decoder: refused with one line, not a traceback."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgecompress.artifact import manifest
+    from tests.helpers import assert_one_line_error
+
+    folder = tmp_path / "no-kv"
+    folder.mkdir()
+    for name in ("genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_artifact[0] / name, folder / name)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    out = helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch_size", "sequence_length"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "no_kv", [ids], [out])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(folder / "model.onnx"))
+    (folder / "report.json").write_text(json.dumps({"manifest": manifest(folder)}))
+    result = run_cli("generate", str(folder), PROMPT)
+    assert_one_line_error(result, "has no past_key_values.* inputs")
+    assert result.returncode == 2
