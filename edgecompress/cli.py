@@ -45,8 +45,12 @@ def _quiet_libraries(verbose: bool) -> None:
         return
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion draws its own bar
+    # Read when those libraries are imported (later, lazily): the Hub client's offline retries and
+    # the datasets library's notices stay out of the one-line output.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
-                 "torch.export", "onnxscript", "transformers"):
+                 "torch.export", "onnxscript", "transformers", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -58,11 +62,12 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def handle_errors(func: Callable) -> Callable:
-    """One line and an exit code for user errors; the traceback only with -v."""
+    """Library chatter off and one line and an exit code for user errors; the traceback only with -v."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", False)
+        _quiet_libraries(verbose)
         try:
             return func(*args, **kwargs)
         except EdgeCompressError as exc:
@@ -183,7 +188,6 @@ def build(
     write the artifact folder."""
     from edgecompress import api
 
-    _quiet_libraries(verbose)
     with RichStages(quiet) as stages:
         report = api.build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,

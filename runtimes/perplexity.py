@@ -31,7 +31,7 @@ def evaluation_text(data: str | Path | None) -> text_sources.TextSource:
     """The text to score: `data`, else the documented defaults; one clear error when there is none."""
     found = text_sources.resolve(data, text_sources.EVALUATION)
     if isinstance(found, text_sources.NoText):
-        raise ArtifactRuntimeError(f"no evaluation text: {found.reason}; {NO_DATA_HINT}")
+        raise ArtifactRuntimeError(f"{found.reason}; {NO_DATA_HINT}")
     return found
 
 
