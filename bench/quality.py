@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgecompress.report import machine_description
+from edgecompress.report import machine_description, peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -57,19 +56,11 @@ def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_l
     print(json.dumps({
         "compression_seconds": round(clock.timings["calibrate"] + clock.timings["attribute"], 1),
         "calibration_seconds": clock.timings["calibrate"],
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "achieved_ratio": plan.params["achieved_ratio"],
         "calibration_source": plan.calibration["source"],
         "layers": {a: plan.layers_with(a) for a in ("replace", "remove")},
     }))
-
-
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS. VmHWM starts afresh at exec; ru_maxrss would keep the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_child(method: str, ratio: float, plan_dir: Path, args) -> dict:

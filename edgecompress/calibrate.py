@@ -18,7 +18,7 @@ from typing import Callable
 from edgecompress.errors import EdgeCompressError
 from edgecompress.options import SELF, check_calibration_size, is_self_spec, parse_self_spec
 from edgecompress.runtimes import text_sources
-from edgecompress.runtimes.text_sources import CALIBRATION, NoText, TextSource, parse_hf_spec  # noqa: F401
+from edgecompress.runtimes.text_sources import CALIBRATION, NoText, TextSource
 
 SAMPLING_MODES = ("start", "random")
 
@@ -48,8 +48,10 @@ class CalibrationSet:
         digest.update(self.input_ids.contiguous().cpu().numpy().astype("<i8").tobytes())
         digest.update(f"{self.n_sequences}x{self.seq_len}|{self.sampling}|{self.seed}".encode())
         digest.update(self.source_sha256.encode())
-        if self.extra:
-            digest.update(json.dumps(self.extra, sort_keys=True).encode())
+        # How self-generated text was made is part of its identity; why it was used (a fallback) is not.
+        made = {key: value for key, value in self.extra.items() if key != "fallback"}
+        if made:
+            digest.update(json.dumps(made, sort_keys=True).encode())
         return digest.hexdigest()
 
     def describe(self) -> dict:
@@ -120,21 +122,23 @@ def build_calibration(
     model=None,
     generation_config=None,
     warn: Callable[[str], None] | None = None,
+    device: str | None = None,
 ) -> CalibrationSet:
     """The calibration set for `source` (a file, `hf:` spec, `self[:N]`, or None for the defaults).
 
     With no text found anywhere, falls back to `self` (which needs `model`), calling `warn` with a
-    one-line reason that is also recorded in the set's metadata (so in the plan and the report)."""
+    one-line reason that is also recorded in the set's metadata (so in the plan and the report).
+    `device`: where self-generation runs (attribution's device; default: where the model is)."""
     if is_self_spec(source):
         count = parse_self_spec(source) or n_sequences
-        return self_generated(model, tokenizer, generation_config, count, seq_len, seed)
+        return self_generated(model, tokenizer, generation_config, count, seq_len, seed, device=device)
     found = text_sources.resolve(source, CALIBRATION)
     if not isinstance(found, NoText):
         return from_text(found, tokenizer, n_sequences, seq_len, seed, sampling)
     message = f"{found.reason}: calibrating on {n_sequences} self-generated sequences (--calibration self)"
     if warn is not None:
         warn(message)
-    calib = self_generated(model, tokenizer, generation_config, n_sequences, seq_len, seed)
+    calib = self_generated(model, tokenizer, generation_config, n_sequences, seq_len, seed, device=device)
     calib.extra["fallback"] = message
     return calib
 
@@ -154,7 +158,7 @@ def sampling_settings(generation_config) -> dict:
 
 
 def self_generated(model, tokenizer, generation_config, n_sequences: int, seq_len: int, seed: int | None,
-                   batch_size: int = 16) -> CalibrationSet:
+                   batch_size: int = 16, device: str | None = None) -> CalibrationSet:
     """N sequences of `seq_len` tokens sampled by the model from its beginning-of-sequence token.
 
     Every sequence runs to full length (end-of-sequence is suppressed until then); the seed (0 by
@@ -168,16 +172,21 @@ def self_generated(model, tokenizer, generation_config, n_sequences: int, seq_le
     start = _start_token(tokenizer, generation_config)
     settings = sampling_settings(generation_config)
     rows = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for first in range(0, n_sequences, batch_size):
-            count = min(batch_size, n_sequences - first)
-            prompt = torch.full((count, 1), start, dtype=torch.long, device=model.device)
-            rows.append(model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=seq_len - 1,
-                min_new_tokens=seq_len - 1, temperature=settings["temperature"], top_k=settings["top_k"],
-                top_p=settings["top_p"], pad_token_id=_pad_token(tokenizer, generation_config),
-            ).cpu())
+    home = model.device
+    model.to(device or home)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for first in range(0, n_sequences, batch_size):
+                count = min(batch_size, n_sequences - first)
+                prompt = torch.full((count, 1), start, dtype=torch.long, device=model.device)
+                rows.append(model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=seq_len - 1,
+                    min_new_tokens=seq_len - 1, temperature=settings["temperature"], top_k=settings["top_k"],
+                    top_p=settings["top_p"], pad_token_id=_pad_token(tokenizer, generation_config),
+                ).cpu())
+    finally:
+        model.to(home)
     input_ids = torch.cat(rows)[:, :seq_len].contiguous()
     generation = {**settings, "start_token": start, "max_new_tokens": seq_len - 1}
     spec = f"{SELF}:{n_sequences}"

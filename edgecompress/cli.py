@@ -49,9 +49,17 @@ def _quiet_libraries(verbose: bool) -> None:
     # the datasets library's notices stay out of the one-line output.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
                  "torch.export", "onnxscript", "transformers", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _quiet_transformers(verbose: bool) -> None:
+    """transformers' own progress bars (loading weights): only `build` imports transformers, so only it
+    pays for this import; the runtime verbs stay torch- and transformers-free."""
+    if verbose:
+        return
     try:
         from transformers.utils import logging as hf_logging
 
@@ -188,6 +196,7 @@ def build(
     write the artifact folder."""
     from edgecompress import api
 
+    _quiet_transformers(verbose)
     with RichStages(quiet) as stages:
         report = api.build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,

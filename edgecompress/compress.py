@@ -400,7 +400,8 @@ def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> Com
         if options["layer_selection"] == "angular" and spec.layers == "chosen":
             plan_scores["angular_distance"] = {"block_size": len(chosen), "values": scores.angular_distances(len(chosen))}
     settings = _settings(method, spec, ratio, rho if chosen_rho is None else None, options, chosen_rho)
-    return _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio)
+    return _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio,
+                          dense_total)
 
 
 def _layer_scores(model, calib, spec, options, progress) -> LayerScores | None:
@@ -417,9 +418,8 @@ def _layer_scores(model, calib, spec, options, progress) -> LayerScores | None:
     )
 
 
-def _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio):
+def _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio, dense_total):
     layers = decoder_layers(model)
-    dense_total = sum(p.numel() for p in model.parameters())
     action = "remove" if spec.action == "remove" else "replace"
     layer_plans = [
         LayerPlan(index=i, name=f"{builder.prefix}.{i}", action=action if i in chosen else "keep",

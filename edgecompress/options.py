@@ -58,7 +58,6 @@ DEFAULT_EVAL_WINDOWS = 40
 EVAL_SEQ_LEN = 512
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 PLANNED_WEIGHT_FORMATS = ("fp16",)  # listed by GPU profiles; no bundled profile builds it yet
-FUSE_DEFAULTS = (True, False, "low-bit")  # a profile's `fuse`: "low-bit" fuses int8/int4 builds only
 
 
 def method_help() -> str:
@@ -190,11 +189,15 @@ class WeightFormats:
                 "fuse": self.fuse}
 
 
-def check_weight_format(weights: str, block_size: int, accuracy_level: int | None = 4) -> None:
-    """A format this version builds, with a block size and accuracy level MatMulNBits accepts."""
+def check_known_format(weights: str) -> None:
     known = WEIGHT_FORMATS + PLANNED_WEIGHT_FORMATS
     if weights not in known:
         raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(known)}")
+
+
+def check_weight_format(weights: str, block_size: int, accuracy_level: int | None = 4) -> None:
+    """A format this version builds, with a block size and accuracy level MatMulNBits accepts."""
+    check_known_format(weights)
     if weights in PLANNED_WEIGHT_FORMATS:
         raise EdgeCompressError(f"{weights} weights are not implemented in this version; use {', '.join(WEIGHT_FORMATS)}")
     if weights != "fp32":
@@ -206,9 +209,7 @@ def check_weight_format(weights: str, block_size: int, accuracy_level: int | Non
 def resolve_formats(options: BuildOptions, profile: TargetProfile) -> WeightFormats:
     """Weight format, block size and fusion from the options or the target's defaults; refused early."""
     weights = options.weights or profile.weights
-    known = WEIGHT_FORMATS + PLANNED_WEIGHT_FORMATS
-    if weights not in known:
-        raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(known)}")
+    check_known_format(weights)  # before the target's list, so a typo is not reported as unsupported
     if weights not in profile.weight_formats:
         raise EdgeCompressError(
             f"target '{profile.name}' cannot run {weights} weights; it supports {', '.join(profile.weight_formats)}"

@@ -66,6 +66,7 @@ class BuildInputs:
     out: Path
     source: models.ModelSource
     saved_plan: Any  # a CompressionPlan to reuse, or None
+    eval_windows: int  # windows for the report's perplexity; 0: no evaluation
     eval_text: Any  # a TextSource, a NoText (evaluation skipped, with the reason), or None (not asked)
 
 
@@ -98,7 +99,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
             if inputs.formats.optimized:
                 export_info["optimize"] = optimize_stage(clock, fp32, staging, inputs)
                 verification["optimized"] = verify_optimized_stage(clock, staging, fp32, loaded, verification, inputs)
-            evaluation = evaluate_stage(clock, staging, options, inputs, fp32 if inputs.formats.optimized else None)
+            evaluation = evaluate_stage(clock, staging, inputs, fp32 if inputs.formats.optimized else None)
         report = write_stage(clock, staging, inputs, loaded, plan, export_info, verification, evaluation, started)
     report["path"] = str(inputs.out)
     return report
@@ -122,21 +123,15 @@ def prepare(options: BuildOptions) -> BuildInputs:
         from edgecompress.plan import CompressionPlan
 
         saved_plan = CompressionPlan.load(options.compress.plan)
-    return BuildInputs(profile, formats, out, source, saved_plan, _evaluation_text(options, formats))
+    windows = options.eval_limit
+    if windows is None:  # the default: compressed or low-bit builds are measured, plain fp32 ones equal PyTorch
+        windows = DEFAULT_EVAL_WINDOWS if options.compress or formats.weights != "fp32" else 0
+    eval_text = None
+    if windows > 0:
+        from edgecompress.runtimes import text_sources
 
-
-def _evaluation_text(options: BuildOptions, formats: WeightFormats):
-    if _eval_windows(options, formats) == 0:
-        return None
-    from edgecompress.runtimes import text_sources
-
-    return text_sources.resolve(options.eval_data, text_sources.EVALUATION)
-
-
-def _eval_windows(options: BuildOptions, formats: WeightFormats) -> int:
-    if options.eval_limit is not None:
-        return options.eval_limit
-    return DEFAULT_EVAL_WINDOWS if options.compress or formats.weights != "fp32" else 0
+        eval_text = text_sources.resolve(options.eval_data, text_sources.EVALUATION)
+    return BuildInputs(profile, formats, out, source, saved_plan, windows, eval_text)
 
 
 def plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_plan):
@@ -157,6 +152,7 @@ def plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_pl
         calib = build_calibration(
             compression.calibration, loaded.tokenizer, compression.calib_sequences, compression.calib_seq_len,
             compression.seed, model=loaded.model, generation_config=loaded.generation_config, warn=clock.warn,
+            device=compression.device,
         )
     with clock.stage("attribute") as note:
 
@@ -197,8 +193,7 @@ def verify_stage(clock: StageClock, folder: Path, loaded, plan, profile: TargetP
             note("PyTorch with the plan applied")
             apply_plan(loaded.model, plan, check_hash=False)
     with clock.stage("verify") as note:
-        return verify.verify(folder, loaded.model, loaded.tokenizer, verify.Tolerances.from_profile(profile), note,
-                             **session_options(profile))
+        return verify.verify(folder, loaded.model, loaded.tokenizer, profile.verify, note, **session_options(profile))
 
 
 def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildInputs) -> dict[str, Any]:
@@ -233,13 +228,12 @@ def verify_optimized_stage(clock: StageClock, staging: Path, fp32: Path, loaded,
         )
 
 
-def evaluate_stage(clock: StageClock, staging: Path, options: BuildOptions, inputs: BuildInputs,
-                   fp32: Path | None) -> dict[str, Any] | None:
+def evaluate_stage(clock: StageClock, staging: Path, inputs: BuildInputs, fp32: Path | None) -> dict[str, Any] | None:
     """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed or
     low-bit builds), and of the fp32 export beside it when the graph was optimized after export."""
     from edgecompress.runtimes import text_sources
 
-    limit = _eval_windows(options, inputs.formats)
+    limit = inputs.eval_windows
     if limit <= 0:
         return None
     if isinstance(inputs.eval_text, text_sources.NoText):

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.errors import EdgeCompressError
+from edgecompress.options import DEVICES
 
 DEFAULT_TARGET = "cpu-x86"
-DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 BUILT_DTYPES = ("float32",)  # what this version's export produces
 
@@ -139,9 +139,11 @@ def parse_profile(data: dict[str, Any], origin: str) -> TargetProfile:
         if key in values:
             _expect(_is_int(values[key]) and values[key] > 0, key, "a positive integer", origin)
     if "accuracy_level" in values:
-        _expect(_is_int(values["accuracy_level"]), "accuracy_level", "an integer 0..4", origin)
+        level = values["accuracy_level"]
+        _expect(_is_int(level) and 0 <= level <= 4, "accuracy_level", "an integer 0..4", origin)
     if "fuse" in values:
-        _expect(values["fuse"] in (True, False, "low-bit"), "fuse", 'true, false or "low-bit"', origin)
+        fuse = values["fuse"]
+        _expect(isinstance(fuse, bool) or fuse == "low-bit", "fuse", 'true, false or "low-bit"', origin)
     values["verify"] = _verify_bounds(values.get("verify", {}), origin)
     return TargetProfile(**values, origin=origin)
 

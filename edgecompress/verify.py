@@ -15,7 +15,6 @@ compared), a left-padded batch of two, and greedy generation:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,32 +30,18 @@ DEFAULT_PROMPT = "Explain in one sentence why the sky is blue."
 ORT_ONLY_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 
 
-@dataclass
-class Tolerances:
-    """Logits may differ by at most atol + rtol * max|reference logit| (float rounding across kernels).
-    The values, and their defaults, are the target profile's `[verify]` table."""
-
-    atol: float
-    rtol: float
-    greedy_tokens: int
-
-    @classmethod
-    def from_profile(cls, profile: TargetProfile) -> "Tolerances":
-        bounds: VerifyBounds = profile.verify
-        return cls(bounds.logits_atol, bounds.logits_rtol, bounds.greedy_tokens)
-
-
 class ExactRule:
-    """Equal up to float rounding: the fp32 export against PyTorch, a fused fp32 graph against the export."""
+    """Equal up to float rounding: the fp32 export against PyTorch, a fused fp32 graph against the export.
+    Logits may differ by at most logits_atol + logits_rtol * max|reference logit| (the profile's [verify])."""
 
     exact = True
 
-    def __init__(self, tol: Tolerances):
-        self.tol = tol
+    def __init__(self, bounds: VerifyBounds):
+        self.bounds = bounds
 
     def compare(self, name: str, ours: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
         diff = float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64))))
-        bound = self.tol.atol + self.tol.rtol * float(np.max(np.abs(ref)))
+        bound = self.bounds.logits_atol + self.bounds.logits_rtol * float(np.max(np.abs(ref)))
         same_argmax = bool(np.array_equal(ours.argmax(-1), ref.argmax(-1)))
         return {"check": name, "max_abs_diff": diff, "bound": bound, "argmax_equal": same_argmax,
                 "passed": diff <= bound and same_argmax}
@@ -225,13 +210,15 @@ def _raise_if_failed(report: dict[str, Any], rule, what: str) -> dict[str, Any]:
     return report
 
 
-def verify(artifact_dir: Path, model: Any, tokenizer: Any, tol: Tolerances, progress: Callable | None = None,
+def verify(artifact_dir: Path, model: Any, tokenizer: Any, bounds: VerifyBounds, progress: Callable | None = None,
            **session_kwargs) -> dict[str, Any]:
     """The fp32 export against PyTorch (`model`, with the plan applied for a compressed build)."""
     step = progress or (lambda message: None)
     started = time.perf_counter()
-    rule = ExactRule(tol)
-    report: dict[str, Any] = {"tolerances": {"logits_atol": tol.atol, "logits_rtol": tol.rtol}, "checks": []}
+    rule = ExactRule(bounds)
+    tokens = bounds.greedy_tokens
+    report: dict[str, Any] = {"tolerances": {"logits_atol": bounds.logits_atol, "logits_rtol": bounds.logits_rtol},
+                              "checks": []}
     step("onnx.checker")
     report["checks"].append(_checker(artifact_dir / MODEL_FILE))
     step("onnxruntime load")
@@ -241,9 +228,9 @@ def verify(artifact_dir: Path, model: Any, tokenizer: Any, tol: Tolerances, prog
     prompt = prompt_ids(tokenizer)
     step("prefill and decode parity")
     report["checks"] += parity_checks(decoder, torch_ref, prompt, rule)
-    step(f"greedy generation ({tol.greedy_tokens} tokens)")
-    ort_tokens = decoder.greedy(prompt, tol.greedy_tokens)
-    ref_tokens = torch_ref.greedy(prompt, tol.greedy_tokens, (decoder.layout.kv_heads, decoder.layout.head_dim))
+    step(f"greedy generation ({tokens} tokens)")
+    ort_tokens = decoder.greedy(prompt, tokens)
+    ref_tokens = torch_ref.greedy(prompt, tokens, (decoder.layout.kv_heads, decoder.layout.head_dim))
     report["greedy"] = {
         "prompt_tokens": len(prompt),
         "onnxruntime": ort_tokens,
@@ -251,7 +238,7 @@ def verify(artifact_dir: Path, model: Any, tokenizer: Any, tol: Tolerances, prog
         "text": tokenizer.decode(ort_tokens, skip_special_tokens=False),
         "identical": ort_tokens == ref_tokens,
     }
-    report["checks"].append({"check": f"greedy {tol.greedy_tokens} tokens identical", "passed": ort_tokens == ref_tokens})
+    report["checks"].append({"check": f"greedy {tokens} tokens identical", "passed": ort_tokens == ref_tokens})
     report["seconds"] = round(time.perf_counter() - started, 2)
     return _raise_if_failed(report, rule, "verification failed")
 
@@ -263,14 +250,14 @@ def verify_optimized(artifact_dir: Path, reference_dir: Path, prompt: list[int],
     `reference_tokens` are the export's greedy tokens from its own verification."""
     step = progress or (lambda message: None)
     started = time.perf_counter()
-    tol = Tolerances.from_profile(profile)
-    rule = ExactRule(tol) if weights == "fp32" else LowBitRule(profile.low_bit_bounds(weights))
+    tokens = profile.verify.greedy_tokens
+    rule = ExactRule(profile.verify) if weights == "fp32" else LowBitRule(profile.low_bit_bounds(weights))
     checks = [_checker(artifact_dir / MODEL_FILE)]
     step("onnxruntime load")
     ours, ref = _load(artifact_dir, **session_kwargs), _load(reference_dir, **session_kwargs)
     checks.append({"check": "onnxruntime load", "passed": True})
-    step(f"greedy generation ({tol.greedy_tokens} tokens)")
-    our_tokens = ours.greedy(prompt, tol.greedy_tokens)
+    step(f"greedy generation ({tokens} tokens)")
+    our_tokens = ours.greedy(prompt, tokens)
     step("prefill, decode and batch comparison")
     # Score the prompt and the reference's own continuation: more positions than the prompt alone.
     checks += parity_checks(ours, ref, prompt + reference_tokens, rule)
@@ -278,7 +265,7 @@ def verify_optimized(artifact_dir: Path, reference_dir: Path, prompt: list[int],
     greedy = {"reference": reference_tokens, "optimized": our_tokens, "identical": our_tokens == reference_tokens,
               "first_difference": agree}
     if rule.exact:
-        checks.append({"check": f"greedy {tol.greedy_tokens} tokens identical", "passed": greedy["identical"]})
+        checks.append({"check": f"greedy {tokens} tokens identical", "passed": greedy["identical"]})
     report = {"against": "the verified fp32 export", "weights": weights, "checks": checks, "greedy": greedy,
               "seconds": round(time.perf_counter() - started, 2)}
     return _raise_if_failed(report, rule, "optimized artifact failed verification")

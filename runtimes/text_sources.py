@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from edgecompress.errors import first_line
@@ -46,7 +47,7 @@ class TextSource:
     description: str  # the path or spec that was read
     origin: str  # "user" | DATA_ENV | "datasets"
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return sha256_text(self.text)
 

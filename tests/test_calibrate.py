@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from edgecompress.calibrate import build_calibration, parse_hf_spec, windows_from_tokens
+from edgecompress.calibrate import build_calibration, windows_from_tokens
 from edgecompress.errors import EdgeCompressError
-from edgecompress.runtimes.text_sources import DATA_ENV
+from edgecompress.runtimes.text_sources import DATA_ENV, parse_hf_spec
 from tests import helpers
 
 WORDS = "the a of and to in is was on for with as by at from it an be this that".split()

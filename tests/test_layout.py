@@ -51,3 +51,13 @@ def test_no_product_code_names_the_development_folder():
         for path in (root / folder).rglob("*.py"):
             text = path.read_text()
             assert "shared/data" not in text and "parents[1]" not in text, path
+
+
+def test_cli_verbs_other_than_build_do_not_import_torch_or_transformers():
+    code = (
+        "import sys\nsys.argv = ['edgecompress', 'targets', '--json']\nimport edgecompress.cli as cli\n"
+        "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
+        "print('heavy:', sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "heavy: []" in result.stdout and "cpu-x86" in result.stdout

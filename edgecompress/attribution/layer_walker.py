@@ -95,7 +95,8 @@ class Placement:
 
     @contextmanager
     def use(self, layer: nn.Module) -> Iterator[nn.Module]:
-        """The layer, ready to run on the compute device, for the duration of the block."""
+        """The layer, ready to run on the compute device, for the duration of the block. Another
+        placement moves it in place (the same module object: hooks and swapped Linears stay on it)."""
         yield layer
 
     def store(self, hidden: torch.Tensor) -> torch.Tensor:
