@@ -36,6 +36,8 @@ def build(
     weights: str | None = None,
     block_size: int | None = None,
     fuse: bool | None = None,
+    max_memory_gb: float | None = None,
+    context: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json).
@@ -48,15 +50,17 @@ def build(
     self-generated text. `weights` (fp32, int8, int4; MatMulNBits with `block_size`) and `fuse`
     (onnxruntime contrib-op fusions) are applied after that verification and checked against the fp32
     export; None takes the target's default. The report's perplexity (`eval_limit` windows) is measured
-    on `eval_data`, resolved like the calibration text (no self-generated text).
+    on `eval_data`, resolved like the calibration text (no self-generated text). The artifact must fit
+    `max_memory_gb` (default: the target's budget) with a KV cache of `context` tokens (default: the
+    target's maximum context); without `ratio` or `plan`, a model that does not fit is compressed with
+    `method` at the smallest ratio that fits, and the report's `memory` shows the arithmetic.
     """
-    compress = None
-    if ratio is not None or plan is not None:
-        compress = CompressOptions(
-            method=method, ratio=ratio, plan=Path(plan) if plan is not None else None,
-            calibration=None if calibration is None else str(calibration), calib_sequences=calib_sequences,
-            calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device,
-        )
+    settings = CompressOptions(
+        method=method, ratio=ratio, plan=Path(plan) if plan is not None else None,
+        calibration=None if calibration is None else str(calibration), calib_sequences=calib_sequences,
+        calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device,
+    )
+    compress = settings if ratio is not None or plan is not None else None
     build_options = BuildOptions(
         model=model,
         target=target,
@@ -70,6 +74,9 @@ def build(
         weights=weights,
         block_size=block_size,
         fuse=fuse,
+        max_memory_gb=max_memory_gb,
+        context=context,
+        auto_compress=None if compress else settings,
     )
     return _run_build(build_options, progress)
 
@@ -200,8 +207,10 @@ def generate(
     on_text=None,
     threads: int | None = None,
     providers: list[str] | None = None,
+    on_warning=None,
 ) -> dict[str, Any]:
-    """Generate text from the artifact OUT; `on_text` receives each piece as it completes.
+    """Generate text from the artifact OUT; `on_text` receives each piece as it completes, `on_warning`
+    each warning before generation starts (the target's provider missing here, ...).
 
     Greedy unless a temperature > 0 (or top-k, top-p, seed) asks for sampling. The result holds the token
     ids (the eos id included when reached), the text, why it stopped and timings."""
@@ -217,6 +226,51 @@ def generate(
         seed=seed,
     )
     generator = TextGenerator(out, providers=providers, threads=threads)
+    for warning in generator.warnings:
+        if on_warning is not None:
+            on_warning(warning)
     result = generator.generate(prompt, max_new_tokens, sampling, chat=chat, system=system, messages=messages,
                                 on_text=on_text)
-    return result.as_dict()
+    return {**result.as_dict(), "warnings": generator.warnings}
+
+
+def profile(
+    out: str | Path,
+    *,
+    n_prompt: list[int] | None = None,
+    n_gen: list[int] | None = None,
+    depth: list[int] | None = None,
+    batch: list[int] | None = None,
+    pg: list[tuple[int, int]] | None = None,
+    repetitions: int = 5,
+    warmup: int = 1,
+    ep: str | None = None,
+    threads: int | None = None,
+    io_binding: bool | None = None,
+    spinning: bool = True,
+    ops: bool = True,
+    ops_steps: int = 8,
+    target: str | None = None,
+    memory: bool = True,
+    sample_ms: float = 10.0,
+    seed: int = 0,
+    prompt_text: str | Path | None = None,
+    output: str | Path | None = None,
+    compare: str | Path | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    """Latency profile of the artifact OUT through onnxruntime, llama-bench style (`pp512`, `tg128`,
+    `pp512+tg128` with `pg`, `@ dN` with `depth`): TTFT/ITL/TPOT/e2e statistics, throughputs, memory,
+    a separate per-op/per-role pass (`ops`), and roofline estimates for `target` (default: the target
+    OUT was built for). `output`: a folder for profile.{json,md,csv,png} and ort_trace.json;
+    `compare`: a baseline profile.json for Δ % per test. Returns the profile.json dict."""
+    from edgecompress.runtimes.profiler import ProfileSettings, profile_artifact
+
+    settings = ProfileSettings(
+        n_prompt=[512] if n_prompt is None else list(n_prompt), n_gen=[128] if n_gen is None else list(n_gen),
+        depth=[0] if depth is None else list(depth), batch=[1] if batch is None else list(batch),
+        pg=list(pg or []), repetitions=repetitions, warmup=warmup, ep=ep, threads=threads, io_binding=io_binding,
+        spinning=spinning, ops=ops, ops_steps=ops_steps, target=target, memory=memory, sample_ms=sample_ms,
+        seed=seed, prompt_text=None if prompt_text is None else str(prompt_text),
+    )
+    return profile_artifact(out, settings, out=output, compare_to=compare, progress=progress)

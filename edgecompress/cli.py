@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import Progress as RichProgress
 from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.markup import escape
 
 from edgecompress import contract, options
 from edgecompress.errors import EdgeCompressError
@@ -81,7 +82,8 @@ def handle_errors(func: Callable) -> Callable:
         except EdgeCompressError as exc:
             if verbose:
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: messages name TOML tables ([verify.float16]), which rich would take for markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing was written")
@@ -124,7 +126,7 @@ class RichStages(Progress):
 
     def warning(self, message: str) -> None:  # also in report.json's "warnings"
         if not self.quiet:
-            self.bar.console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+            self.bar.console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 # Long only because typer declares every option in the signature; the work is api.build's.
@@ -179,8 +181,8 @@ def build(
         "skipped (said in the report).", show_default=False,
     ),
     weights: Optional[str] = typer.Option(
-        None, help="Weight format: fp32, int8 or int4 (onnxruntime MatMulNBits; a GGUF source keeps its "
-        "low-bit blocks exactly). Default: the target's.", show_default=False,
+        None, help="Weight format: fp32, fp16 (GPU targets), int8 or int4 (onnxruntime MatMulNBits; a GGUF source "
+        "keeps its low-bit blocks exactly). Default: the target's.", show_default=False,
     ),
     block_size: Optional[int] = typer.Option(
         None, help="Quantization block size along K: 32, 64 or 128 (default: the target's).", show_default=False,
@@ -188,6 +190,15 @@ def build(
     fuse: Optional[bool] = typer.Option(
         None, "--fuse/--no-fuse", help="onnxruntime contrib-op fusions (RMSNorm, attention, ...). "
         "Default: the target's (cpu-x86: on for int8/int4 weights).", show_default=False,
+    ),
+    max_memory: Optional[float] = typer.Option(
+        None, "--max-memory", help="Memory the model may use, in GB: weights + KV cache at --context + workspace. "
+        "Default: the target's budget. Without --ratio, a model that does not fit is compressed at the "
+        "smallest ratio that fits.", show_default=False,
+    ),
+    context: Optional[int] = typer.Option(
+        None, "--context", help="Tokens of KV cache the budget is checked at (default: the target's maximum "
+        "context, at most the model's).", show_default=False,
     ),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
@@ -202,7 +213,8 @@ def build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
             method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
             calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, eval_limit=eval_limit,
-            eval_data=eval_data, weights=weights, block_size=block_size, fuse=fuse, progress=stages,
+            eval_data=eval_data, weights=weights, block_size=block_size, fuse=fuse, max_memory_gb=max_memory,
+            context=context, progress=stages,
         )
     if quiet:
         out_console.print(report["path"], highlight=False)
@@ -237,8 +249,23 @@ def _print_build_summary(report: dict[str, Any]) -> None:
     optimized = verification.get("optimized")
     if optimized:
         table.add_row("weights", _optimized_summary(report["weights"], optimized, evaluation))
+    memory = report.get("memory")
+    if memory:
+        table.add_row("memory", _memory_summary(memory, report["target"]["name"]))
     table.add_row("time", f"{report['total_seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
     out_console.print(table)
+
+
+def _memory_summary(memory: dict[str, Any], target: str) -> str:
+    need = memory["artifact"]
+    line = (f"weights {need['weights_gb']:.3f} + KV {need['kv_cache_gb']:.3f} ({memory['context']} tokens) + workspace "
+            f"{need['workspace_gb']:.3f} = {need['total_gb']:.3f} GB")
+    if memory["budget_gb"] is None:
+        return line + " (no budget)"
+    line += f" {'≤' if memory['fits'] else '[red]>[/]'} {memory['budget_gb']:g} GB ({memory['budget_source']})"
+    if memory.get("picked_ratio") is not None:
+        line += f"; dense {memory['dense_estimate']['total_gb']:.3f} GB did not fit: ratio {memory['picked_ratio']:.2f} picked"
+    return line
 
 
 def _optimized_summary(formats: dict[str, Any], optimized: dict[str, Any], evaluation: dict[str, Any]) -> str:
@@ -317,14 +344,19 @@ def list_targets(
     if as_json:
         out_console.print_json(json.dumps(profiles))
         return
-    table = Table("target", "device", "provider", "dtype", "memory", "bandwidth", "peak", "description")
+    table = Table("target", "arch", "dtype", "memory / budget", "bandwidth", "peak (dense)", "power mode", "sources")
     for p in profiles:
+        name = p["name"] + "".join(f"\n= {alias}" for alias in p["aliases"])
+        peak = p["peak_tflops_fp32"] if p["dtype"] == "float32" else p["peak_tflops_fp16"]
+        budget = p["memory_budget_gb"] if p["memory_budget_gb"] is not None else p["memory_gb"]
         table.add_row(
-            p["name"], p["device"], ", ".join(p["execution_provider"]), p["dtype"],
-            _number(p["memory_gb"], "GB"), _number(p["memory_bandwidth_gbs"], "GB/s"),
-            _number(p["peak_tflops_fp32"], "TFLOPS"), p["description"],
+            name, p["arch"] or "?", p["dtype"], f"{_number(p['memory_gb'], 'GB')} / {_number(budget, 'GB')}",
+            _number(p["memory_bandwidth_gbs"], "GB/s"), _number(peak, f"TFLOPS {p['dtype'].replace('float', 'fp')}"),
+            p["expected_power_mode"] or "", "; ".join(p["sources"]),
         )
     out_console.print(table)
+    out_console.print("Every number's source is in a comment beside it in the profile file; `--json` prints every field.",
+                      highlight=False)
 
 
 def _number(value, unit: str) -> str:
@@ -356,6 +388,8 @@ def eval_artifact(
 
     result = api.eval(out, data, limit=limit, seq_len=seq_len, batch_size=batch_size, threads=threads,
                       reference=reference)
+    for warning in result.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if as_json:
         out_console.print_json(json.dumps(result))
         return
@@ -404,6 +438,7 @@ def generate(
     result = api.generate(
         out, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         chat=chat, system=system, on_text=write, threads=threads,
+        on_warning=lambda warning: err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False),
     )
     sys.stdout.write("\n")
     if not quiet:
@@ -412,6 +447,84 @@ def generate(
             f"prefill {result['prefill_seconds']:.2f} s, decode {result['decode_tokens_per_second']:.1f} tokens/s[/]",
             highlight=False,
         )
+
+
+PROFILE_FORMATS = ("md", "json", "csv")
+
+
+# Long only because typer declares every option in the signature; the work is api.profile's.
+@app.command()
+@handle_errors
+def profile(
+    out: Path = typer.Argument(..., help="Artifact folder."),
+    n_prompt: str = typer.Option("512", "--n-prompt", "-p", help="Prompt lengths of the pp tests: 512, a list "
+                                 "(128,512) or a range (128-1024*2); 0 for none."),
+    n_gen: str = typer.Option("128", "--n-gen", "-n", help="Decode steps of the tg tests (list or range); 0 for none."),
+    depth: str = typer.Option("0", "--depth", "-d", help="Tokens prefilled untimed before every test (list): "
+                              "`-d 512` gives `tg128 @ d512`."),
+    batch: str = typer.Option("1", "--batch", "-b", help="Batch sizes (list)."),
+    pg: Optional[list[str]] = typer.Option(None, "--pg", help="A whole request PROMPT,GEN (pp512+tg128: TTFT, "
+                                           "ITL, TPOT, e2e); repeatable.", show_default=False),
+    repetitions: int = typer.Option(5, "--repetitions", "-r", help="Timed repetitions of every test (interleaved)."),
+    warmup: int = typer.Option(1, "--warmup", "-w", help="Warm-up requests at the largest shape (dropped)."),
+    ep: Optional[str] = typer.Option(None, "--ep", "-e", help="cpu, cuda, tensorrt or a provider name (default: "
+                                     "the artifact's target's).", show_default=False),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="onnxruntime intra-op threads (default: "
+                                          "onnxruntime's, one per physical core).", show_default=False),
+    io_binding: Optional[bool] = typer.Option(None, "--io-binding/--no-io-binding", help="KV cache as OrtValues "
+                                              "bound in place (default: on for GPU providers).", show_default=False),
+    spin: bool = typer.Option(True, "--spin/--no-spin", help="Let onnxruntime's threads spin between runs."),
+    ops: bool = typer.Option(True, "--ops/--no-ops", help="Per-op and per-role time from a separate profiling pass."),
+    ops_steps: int = typer.Option(8, "--ops-steps", help="Decode steps in the profiling pass."),
+    target: Optional[str] = typer.Option(None, "--target", help="Roofline target (name or .toml; default: the "
+                                         "artifact's).", show_default=False),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Host peak RSS per phase; NVML/tegrastats when present."),
+    sample_ms: float = typer.Option(10.0, "--sample-ms", help="NVML/tegrastats sampling interval."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompt token ids."),
+    prompt_text: Optional[Path] = typer.Option(None, "--prompt-text", help="Take prompt tokens from this text "
+                                               "file instead of random ids.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write profile.{json,md,csv,png} and "
+                                          "ort_trace.json into this folder.", show_default=False),
+    fmt: str = typer.Option("md", "--format", help="What to print: md, json or csv."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="A baseline profile.json: Δ % per matching test.",
+                                           show_default=False),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """On-device latency profile of an artifact (llama-bench tests, vLLM/MLPerf metrics, memory, per-op time,
+    roofline estimates)."""
+    from edgecompress import api
+    from edgecompress.runtimes.profiler.settings import parse_list, parse_pg
+
+    if fmt not in PROFILE_FORMATS:
+        raise EdgeCompressError(f"--format must be one of {', '.join(PROFILE_FORMATS)}, not '{fmt}'")
+    with (err_console.status("profiling", spinner="dots") if not quiet else _NoStatus()) as status:
+        result = api.profile(
+            out, n_prompt=parse_list(n_prompt, "--n-prompt"), n_gen=parse_list(n_gen, "--n-gen"),
+            depth=parse_list(depth, "--depth"), batch=parse_list(batch, "--batch"), pg=parse_pg(pg),
+            repetitions=repetitions, warmup=warmup, ep=ep, threads=threads, io_binding=io_binding, spinning=spin,
+            ops=ops, ops_steps=ops_steps, target=target, memory=memory, sample_ms=sample_ms, seed=seed,
+            prompt_text=prompt_text, output=output, compare=compare,
+            progress=(lambda message: status.update(message)) if status else None,
+        )
+    if quiet:
+        if output is not None:
+            out_console.print(str(output), highlight=False)
+        return
+    from edgecompress.runtimes.profiler import render
+
+    sys.stdout.write(render(result, fmt))
+    sys.stdout.flush()
+
+
+class _NoStatus:
+    """No spinner with -q."""
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def main() -> None:

@@ -66,3 +66,20 @@ def output_names(num_layers: int) -> list[str]:
 
 def is_kv_name(name: str) -> bool:
     return name.startswith((PAST_PREFIX, PRESENT_PREFIX))
+
+# onnxruntime provider -> the name genai_config.json's `provider_options` uses for it (CPU: no entry).
+GENAI_PROVIDER_NAMES = {
+    "CUDAExecutionProvider": "cuda",
+    "DmlExecutionProvider": "dml",
+    "WebGpuExecutionProvider": "webgpu",
+    "QNNExecutionProvider": "qnn",
+    "OpenVINOExecutionProvider": "OpenVINO",
+}
+
+
+def genai_provider_options(execution_providers, provider_options: dict) -> list[dict]:
+    """genai_config's `provider_options` for a target: its first provider that genai knows, with its options."""
+    for provider in execution_providers:
+        if provider in GENAI_PROVIDER_NAMES:
+            return [{GENAI_PROVIDER_NAMES[provider]: dict(provider_options.get(provider, {}))}]
+    return []

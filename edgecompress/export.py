@@ -157,10 +157,12 @@ def _name_io_dims(model: Any) -> None:
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers: int | None = None) -> dict[str, Any]:
+def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers: int | None = None,
+                 provider_options: list[dict] | None = None) -> dict[str, Any]:
     """genai_config.json for onnxruntime-genai; search settings come from the generation config.
 
-    `num_layers`: the decoder layers the graph keeps (fewer than the config's after layer removal).
+    `num_layers`: the decoder layers the graph keeps (fewer than the config's after layer removal);
+    `provider_options`: the target's provider and its options (contract.genai_provider_options; CPU: []).
     Long only because it is one literal: the file's whole layout, readable as it will be written."""
     config_layers, kv_heads, head_dim = kv_geometry(config)
     num_layers = config_layers if num_layers is None else num_layers
@@ -187,7 +189,7 @@ def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers
             "context_length": context,
             "decoder": {
                 "filename": MODEL_FILE,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options or []},
                 "head_size": head_dim,
                 "hidden_size": config.hidden_size,
                 "num_attention_heads": config.num_attention_heads,
@@ -225,13 +227,17 @@ def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers
     }
 
 
-def write_sidecar_files(out_dir: Path, loaded: Any, num_layers: int | None = None) -> list[str]:
+def write_sidecar_files(out_dir: Path, loaded: Any, num_layers: int | None = None, profile: Any = None) -> list[str]:
     """genai_config.json, config.json, generation_config.json, tokenizer files and chat template.
 
-    `num_layers`: the decoder layers the graph keeps, for genai_config.json (default: the config's)."""
+    `num_layers`: the decoder layers the graph keeps, for genai_config.json (default: the config's);
+    `profile`: the target, whose provider and options genai_config.json names."""
     tokenizer = loaded.tokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
-    genai = genai_config(loaded.config, loaded.generation_config, tokenizer, num_layers)
+    providers = None
+    if profile is not None:
+        providers = contract.genai_provider_options(profile.execution_provider, profile.provider_options)
+    genai = genai_config(loaded.config, loaded.generation_config, tokenizer, num_layers, providers)
     (out_dir / contract.GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n")
     loaded.config.to_json_file(str(out_dir / contract.CONFIG_FILE))
     if loaded.generation_config is not None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from edgecompress.options import WeightFormats
+from edgecompress.options import LOW_BIT_FORMATS, WeightFormats
 from edgecompress.passes import (
     FuseGroupQueryAttentionPass,
     FuseOrtOpsPass,
@@ -61,7 +61,7 @@ def plan_passes(plan) -> list[tuple[str | None, ir.passes.PassBase]]:
 def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None) -> list[tuple[str, ir.passes.PassBase]]:
     """Weight formats first (GGUF blocks kept exactly where they map), then onnxruntime fusions."""
     passes: list[tuple[str, ir.passes.PassBase]] = []
-    if formats.weights != "fp32":
+    if formats.weights in LOW_BIT_FORMATS:
         if gguf_blocks:
             passes.append((WEIGHTS, MapGgufWeightsPass(gguf_blocks, accuracy_level=formats.accuracy_level)))
         bits = 4 if formats.weights == "int4" else 8

@@ -56,8 +56,9 @@ DEVICES = ("cpu", "cuda")
 # or low-bit builds (none for plain fp32 ones: they equal PyTorch by verification).
 DEFAULT_EVAL_WINDOWS = 40
 EVAL_SEQ_LEN = 512
-WEIGHT_FORMATS = ("fp32", "int8", "int4")
-PLANNED_WEIGHT_FORMATS = ("fp16",)  # listed by GPU profiles; no bundled profile builds it yet
+# fp16: the whole artifact in float16 (GPU targets, whose dtype is float16); int8/int4: MatMulNBits.
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+LOW_BIT_FORMATS = ("int8", "int4")
 
 
 def method_help() -> str:
@@ -131,6 +132,8 @@ class CompressOptions:
     seed: int | None = None  # None: windows from the start; a seed: random windows (and self-generation)
     rho: float = DEFAULT_RHO
     device: str = "cpu"
+    # "nearest": the layer count closest to the ratio; "at_least": never short of it (a memory budget's ratio)
+    rounding: str = "nearest"
 
     def validate(self) -> None:
         """Everything that can be refused before the model is loaded (a saved plan is read by the pipeline)."""
@@ -163,9 +166,19 @@ class BuildOptions:
     weights: str | None = None  # fp32 | int8 | int4; None: the target's default
     block_size: int | None = None  # MatMulNBits block along K; None: the target's default
     fuse: bool | None = None  # onnxruntime contrib-op fusions; None: the target's default
+    # Memory budget: weights + KV cache at `context` tokens + workspace must fit `max_memory_gb` (None:
+    # the target's budget, at the target's max context). Without a ratio, a model that does not fit is
+    # compressed with `auto_compress`'s method and calibration at the smallest ratio that fits.
+    max_memory_gb: float | None = None
+    context: int | None = None
+    auto_compress: CompressOptions | None = None
 
     def validate(self) -> None:
         check_eval_limit(self.eval_limit)
+        if self.max_memory_gb is not None and not (isinstance(self.max_memory_gb, (int, float)) and self.max_memory_gb > 0):
+            raise EdgeCompressError(f"--max-memory must be a positive number of GB, got {self.max_memory_gb!r}")
+        if self.context is not None and not (isinstance(self.context, int) and self.context > 0):
+            raise EdgeCompressError(f"--context must be a positive number of tokens, got {self.context!r}")
         if self.compress is not None:
             self.compress.validate()
 
@@ -190,17 +203,14 @@ class WeightFormats:
 
 
 def check_known_format(weights: str) -> None:
-    known = WEIGHT_FORMATS + PLANNED_WEIGHT_FORMATS
-    if weights not in known:
-        raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(known)}")
+    if weights not in WEIGHT_FORMATS:
+        raise EdgeCompressError(f"unknown weight format '{weights}'; use one of {', '.join(WEIGHT_FORMATS)}")
 
 
 def check_weight_format(weights: str, block_size: int, accuracy_level: int | None = 4) -> None:
     """A format this version builds, with a block size and accuracy level MatMulNBits accepts."""
     check_known_format(weights)
-    if weights in PLANNED_WEIGHT_FORMATS:
-        raise EdgeCompressError(f"{weights} weights are not implemented in this version; use {', '.join(WEIGHT_FORMATS)}")
-    if weights != "fp32":
+    if weights in LOW_BIT_FORMATS:
         from edgecompress.passes.quantize_weights import check_format
 
         check_format(4 if weights == "int4" else 8, block_size, accuracy_level)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from edgecompress import __version__, artifact, contract, models, profiles
 from edgecompress.errors import EdgeCompressError
 from edgecompress.options import DEFAULT_EVAL_WINDOWS, EVAL_SEQ_LEN, BuildOptions, CompressOptions, WeightFormats
-from edgecompress.options import resolve_formats
+from edgecompress.options import LOW_BIT_FORMATS, resolve_formats
 from edgecompress.profiles import BUILT_DTYPES, TargetProfile
 
 
@@ -68,6 +68,7 @@ class BuildInputs:
     saved_plan: Any  # a CompressionPlan to reuse, or None
     eval_windows: int  # windows for the report's perplexity; 0: no evaluation
     eval_text: Any  # a TextSource, a NoText (evaluation skipped, with the reason), or None (not asked)
+    scan_text: Any = None  # fp16 builds: the activation scan's TextSource or NoText (half_precision.scan_source)
 
 
 def default_out(model_spec: str | None, target: str) -> Path:
@@ -89,18 +90,22 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
     with clock.stage("load") as note:
         note(f"{inputs.source.spec} ({inputs.source.kind})")
         loaded = models.load(inputs.source)
-    plan = plan_stage(clock, loaded, options.compress, inputs.saved_plan) if options.compress else None
+    compression, budget = budget_stage(clock, loaded, options, inputs)
+    plan = plan_stage(clock, loaded, compression, inputs.saved_plan) if compression else None
     with artifact.staged_folder(inputs.out, options.force) as staging:
         # The fp32 export is the artifact itself, or, for an optimized build, its read-only reference.
         export_folder = artifact.work_folder(staging, "fp32") if inputs.formats.optimized else nullcontext(staging)
         with export_folder as fp32:
-            export_info = export_stage(clock, loaded, plan, fp32)
+            export_info = export_stage(clock, loaded, plan, fp32, inputs.profile)
             verification = verify_stage(clock, fp32, loaded, plan, inputs.profile)
             if inputs.formats.optimized:
-                export_info["optimize"] = optimize_stage(clock, fp32, staging, inputs)
-                verification["optimized"] = verify_optimized_stage(clock, staging, fp32, loaded, verification, inputs)
-            evaluation = evaluate_stage(clock, staging, inputs, fp32 if inputs.formats.optimized else None)
-        report = write_stage(clock, staging, inputs, loaded, plan, export_info, verification, evaluation, started)
+                export_info["optimize"] = optimize_stage(clock, fp32, staging, inputs, loaded, verification)
+                verification["optimized"] = verify_optimized_stage(clock, staging, fp32, loaded, verification, inputs,
+                                                                   export_info["optimize"])
+            evaluation = evaluate_stage(clock, staging, inputs, fp32 if inputs.formats.optimized else None,
+                                        export_info.get("optimize"))
+        memory = budget.artifact_section(staging, export_info, clock.warn)
+        report = write_stage(clock, staging, inputs, loaded, plan, export_info, verification, evaluation, memory, started)
     report["path"] = str(inputs.out)
     return report
 
@@ -109,10 +114,9 @@ def prepare(options: BuildOptions) -> BuildInputs:
     """Target, formats, destination, model source, compression options, evaluation text: refused early."""
     options.validate()
     profile = profiles.load_profile(options.target)
-    if profile.device != "cpu" or profile.dtype not in BUILT_DTYPES:
+    if profile.dtype not in BUILT_DTYPES:
         raise EdgeCompressError(
-            f"target '{profile.name}' needs a {profile.device} {profile.dtype} build, which this version does not "
-            f"produce yet; use --target cpu-x86"
+            f"target '{profile.name}' asks for {profile.dtype} artifacts; this version builds {', '.join(BUILT_DTYPES)}"
         )
     formats = resolve_formats(options, profile)
     out = Path(options.out) if options.out else default_out(options.model, profile.name)
@@ -131,7 +135,32 @@ def prepare(options: BuildOptions) -> BuildInputs:
         from edgecompress.runtimes import text_sources
 
         eval_text = text_sources.resolve(options.eval_data, text_sources.EVALUATION)
-    return BuildInputs(profile, formats, out, source, saved_plan, windows, eval_text)
+    scan_text = None
+    if profile.dtype == "float16" or formats.weights == "fp16":
+        from edgecompress.half_precision import scan_source
+
+        settings = options.compress or options.auto_compress
+        scan_text = scan_source(settings.calibration if settings else None)
+    return BuildInputs(profile, formats, out, source, saved_plan, windows, eval_text, scan_text)
+
+
+def budget_stage(clock: StageClock, loaded, options: BuildOptions, inputs: BuildInputs):
+    """The memory budget: an explicit ratio or plan is checked against it; without one, a model that does not
+    fit gets the smallest ratio that does. Returns the compression to run (or None) and the budget check."""
+    from edgecompress.memory_budget import BudgetCheck
+
+    with clock.stage("budget") as note:
+        check = BudgetCheck.before_plan(loaded.model, options, inputs)
+        note(check.summary())
+    if check.picked_ratio is None:
+        return options.compress, check
+    clock.warn(f"{check.summary()}: compressing with {check.compression.method} at ratio {check.picked_ratio:.2f}")
+    if inputs.eval_windows == 0 and options.eval_limit is None:  # compressed builds are measured by default
+        from edgecompress.runtimes import text_sources
+
+        inputs.eval_windows = DEFAULT_EVAL_WINDOWS
+        inputs.eval_text = text_sources.resolve(options.eval_data, text_sources.EVALUATION)
+    return check.compression, check
 
 
 def plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_plan):
@@ -160,11 +189,12 @@ def plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_pl
             note(f"{compression.method}: {stage} {done}/{total}")
 
         return make_plan(
-            loaded.model, calib, compression.method, compression.ratio, compression.rho, compression.device, progress
+            loaded.model, calib, compression.method, compression.ratio, compression.rho, compression.device, progress,
+            rounding=compression.rounding,
         )
 
 
-def export_stage(clock: StageClock, loaded, plan, folder: Path) -> dict[str, Any]:
+def export_stage(clock: StageClock, loaded, plan, folder: Path, profile: TargetProfile) -> dict[str, Any]:
     """Trace to an in-memory graph, apply the plan's passes to it, and save it once with its sidecar files."""
     from edgecompress import export, graph_stages
 
@@ -176,7 +206,8 @@ def export_stage(clock: StageClock, loaded, plan, folder: Path) -> dict[str, Any
             info["passes"] = graph_stages.run_stage(model, graph_stages.plan_passes(plan))
     with clock.stage("save"):
         export.save_model(model, folder)
-        export.write_sidecar_files(folder, loaded, export.kv_layers(model))
+        info["kv_layers"] = export.kv_layers(model)  # after the plan's passes: layers a removal plan kept
+        export.write_sidecar_files(folder, loaded, info["kv_layers"], profile)
         if plan is not None:
             plan.save(folder / contract.PLAN_DIR)
     return info
@@ -196,14 +227,16 @@ def verify_stage(clock: StageClock, folder: Path, loaded, plan, profile: TargetP
         return verify.verify(folder, loaded.model, loaded.tokenizer, profile.verify, note, **session_options(profile))
 
 
-def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildInputs) -> dict[str, Any]:
-    """Low-bit weights (GGUF blocks kept exactly where they map), then fusions: one load, one save."""
+def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildInputs, loaded=None,
+                   verification: dict | None = None) -> dict[str, Any]:
+    """Low-bit weights (GGUF blocks kept exactly where they map), then fusions, then for a float16 target
+    the scan, fp16 conversion and its validation (`half_precision`): one load, one save."""
     from edgecompress import export, graph_stages
 
     formats, source = inputs.formats, inputs.source
     with clock.stage("optimize") as note:
         gguf = None
-        if formats.weights != "fp32" and source.gguf_file:
+        if formats.weights in LOW_BIT_FORMATS and source.gguf_file:
             from edgecompress.gguf_blocks import exact_blocks
 
             note(f"{formats.weights} weights (GGUF blocks kept exactly)")
@@ -212,23 +245,55 @@ def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildIn
             note(f"{formats.weights} weights" + (", onnxruntime fusions" if formats.fuse else ""))
         model = graph_stages.load_model(fp32)
         report = graph_stages.run_stage(model, graph_stages.optimize_passes(formats, gguf))
-        export.save_model(model, staging)
+        if is_half_precision(inputs):
+            report["precision"] = half_precision_step(clock, note, model, fp32, staging, inputs, loaded,
+                                                      verification)
+        else:
+            export.save_model(model, staging)
         artifact.copy_sidecar_files(fp32, staging)
     return report
 
 
+def is_half_precision(inputs: BuildInputs) -> bool:
+    return inputs.profile.dtype == "float16" or inputs.formats.weights == "fp16"
+
+
+def half_precision_step(clock: StageClock, note, model, fp32: Path, staging: Path, inputs: BuildInputs, loaded,
+                        verification: dict) -> dict[str, Any]:
+    """The fused fp32 model -> the fp16 artifact in `staging`, its twin and scan in a work folder; the
+    fp32 export stays the reference. Returns the report's `precision` section."""
+    from edgecompress import half_precision, verify
+
+    text = verify.prompt_ids(loaded.tokenizer) + verification["greedy"]["onnxruntime"]
+    windows = half_precision.calibration_text(loaded.tokenizer, inputs.scan_text, text, clock.warn)
+    note(f"fp16: activation scan on {windows.source}")
+    with artifact.work_folder(staging, "fp16") as work:
+        section = half_precision.convert_and_validate(model, staging, fp32, work, windows, text, inputs.profile, note,
+                                                      **session_options(inputs.profile))
+    if len(section["escalation"]) > 1:
+        clock.warn(f"fp16 escalated to '{section['escalation'][-1]}' after {', '.join(section['escalation'][:-1])} "
+                   f"failed [verify.float16]" + ("" if section["runs_on_build_machine"] else
+                                                 "; the artifact cannot run on this machine, only its twin was checked"))
+    return section
+
+
 def verify_optimized_stage(clock: StageClock, staging: Path, fp32: Path, loaded, verification: dict,
-                           inputs: BuildInputs) -> dict[str, Any]:
+                           inputs: BuildInputs, optimize: dict | None = None) -> dict[str, Any]:
     from edgecompress import verify
 
+    precision = (optimize or {}).get("precision")
     with clock.stage("verify-optimized") as note:
+        if precision and not precision["runs_on_build_machine"]:  # a bf16 artifact on the CPU provider
+            return verify.verify_checker_only(staging, f"the {precision['dtype']} artifact cannot run on this "
+                                                       "machine's onnxruntime providers; see precision for its twin")
         return verify.verify_optimized(
             staging, fp32, verify.prompt_ids(loaded.tokenizer), verification["greedy"]["onnxruntime"],
             inputs.formats.weights, inputs.profile, note, **session_options(inputs.profile),
         )
 
 
-def evaluate_stage(clock: StageClock, staging: Path, inputs: BuildInputs, fp32: Path | None) -> dict[str, Any] | None:
+def evaluate_stage(clock: StageClock, staging: Path, inputs: BuildInputs, fp32: Path | None,
+                   optimize: dict | None = None) -> dict[str, Any] | None:
     """Perplexity of the verified artifact through onnxruntime, when asked (default: compressed or
     low-bit builds), and of the fp32 export beside it when the graph was optimized after export."""
     from edgecompress.runtimes import text_sources
@@ -236,6 +301,9 @@ def evaluate_stage(clock: StageClock, staging: Path, inputs: BuildInputs, fp32: 
     limit = inputs.eval_windows
     if limit <= 0:
         return None
+    precision = (optimize or {}).get("precision")
+    if precision and not precision["runs_on_build_machine"]:
+        return {"skipped": f"the {precision['dtype']} artifact cannot run on this machine's onnxruntime providers"}
     if isinstance(inputs.eval_text, text_sources.NoText):
         return {"skipped": f"{inputs.eval_text.reason}; pass --eval-data or set {text_sources.DATA_ENV} "
                            f"(or --eval-limit 0)"}
@@ -260,7 +328,7 @@ def evaluate_stage(clock: StageClock, staging: Path, inputs: BuildInputs, fp32: 
 
 
 def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, plan, export_info: dict,
-                verification: dict, evaluation: dict | None, started: float) -> dict[str, Any]:
+                verification: dict, evaluation: dict | None, memory: dict, started: float) -> dict[str, Any]:
     """report.json: how it was built, verification, timings, and the manifest of every other file."""
     from edgecompress.report import machine_description, peak_rss_mb
 
@@ -272,8 +340,11 @@ def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, p
             "model": loaded.info,
             "target": inputs.profile.describe(),
             "weights": inputs.formats.as_dict(),
+            # fp16 targets: dtype, block lists, escalation and the three checks (moved out of export.optimize)
+            "precision": (export_info.get("optimize") or {}).pop("precision", None),
             "export": export_info,
             "compression": _plan_summary(plan) if plan is not None else None,
+            "memory": memory,
             "evaluation": evaluation,
             "verification": verification,
             "warnings": clock.warnings,

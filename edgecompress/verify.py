@@ -9,7 +9,9 @@ compared), a left-padded batch of two, and greedy generation:
 - `verify_optimized`: a fused or low-bit artifact against the verified fp32 export, read-only, whose
   greedy tokens are passed along, not recomputed. Fused fp32 keeps `ExactRule`; int8/int4 weights
   change logits by design, so `LowBitRule` bounds the mean KL divergence and top-1 agreement, and the
-  greedy run is reported, not required to be identical.
+  greedy run is reported, not required to be identical; an fp16 artifact gets `Fp16Rule` (KL, top-1,
+  max|Δlogit|, no NaN/Inf), and `half_precision_parity` runs the same checks on it and on its
+  fp16-storage twin while the build chooses its block lists.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from edgecompress.contract import MODEL_FILE
 from edgecompress.errors import VerificationError, first_line
-from edgecompress.profiles import LowBitBounds, TargetProfile, VerifyBounds
+from edgecompress.profiles import Fp16Bounds, LowBitBounds, TargetProfile, VerifyBounds
 
 DEFAULT_PROMPT = "Explain in one sentence why the sky is blue."
 # onnxruntime's fused SimplifiedLayerNormalization lives in the ai.onnx domain but only onnxruntime
@@ -78,6 +80,66 @@ class LowBitRule:
             return ""
         return (f" (mean KL {check['mean_kl']:.3g}, top-1 agreement {check['top1_agreement']:.2f};"
                 f" bounds {check['bounds']})")
+
+
+class Fp16Rule:
+    """Close in distribution, bounded elementwise, and finite: a half-precision artifact (or its
+    fp16-storage twin) against the fp32 export, with `[verify.float16]`'s bounds. Each comparison
+    bounds mean KL, max|Δlogit| and NaN/Inf; top-1 agreement is bounded over all compared positions
+    together (`pooled`), as one flip in a single decode position says nothing."""
+
+    exact = False
+
+    def __init__(self, bounds: Fp16Bounds):
+        self.bounds = bounds
+
+    def compare(self, name: str, ours: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+        nonfinite = int(ours.size - np.count_nonzero(np.isfinite(ours)))
+        check: dict[str, Any] = {"check": name, "positions": int(np.prod(ours.shape[:-1])), "nonfinite": nonfinite,
+                                 "bounds": self.describe_bounds()}
+        if nonfinite:
+            return {**check, "mean_kl": None, "top1_agreement": None, "max_abs_diff": None, "agreeing": 0,
+                    "passed": False}
+        log_p, log_q = _log_softmax(ref), _log_softmax(ours)
+        kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+        agreeing = int(np.count_nonzero(ours.argmax(-1) == ref.argmax(-1)))
+        diff = float(np.max(np.abs(ours.astype(np.float64) - ref.astype(np.float64))))
+        return {**check, "mean_kl": kl, "top1_agreement": agreeing / check["positions"], "max_abs_diff": diff,
+                "agreeing": agreeing,
+                "passed": kl <= self.bounds.max_mean_kl and diff <= self.bounds.max_abs_logit_delta}
+
+    def pooled(self, checks: list[dict[str, Any]]) -> dict[str, Any]:
+        """Top-1 agreement and the worst numbers over every comparison in `checks`."""
+        compared = [check for check in checks if "agreeing" in check]
+        positions = sum(check["positions"] for check in compared)
+        agreeing = sum(check["agreeing"] for check in compared)
+        finite = [check for check in compared if not check["nonfinite"]]
+        top1 = agreeing / positions if positions else 0.0
+        return {
+            "check": f"top-1 agreement over {positions} positions",
+            "positions": positions,
+            "top1_agreement": top1,
+            "mean_kl": (sum(c["mean_kl"] * c["positions"] for c in finite) / sum(c["positions"] for c in finite)
+                        if finite else None),
+            "max_mean_kl": max((c["mean_kl"] for c in finite), default=None),
+            "max_abs_diff": max((c["max_abs_diff"] for c in finite), default=None),
+            "nonfinite": sum(check["nonfinite"] for check in compared),
+            "bounds": self.describe_bounds(),
+            "passed": top1 >= self.bounds.min_top1_agreement and all(c["passed"] for c in compared),
+        }
+
+    def describe_bounds(self) -> dict[str, float]:
+        return {"max_mean_kl": self.bounds.max_mean_kl, "min_top1_agreement": self.bounds.min_top1_agreement,
+                "max_abs_logit_delta": self.bounds.max_abs_logit_delta}
+
+    @staticmethod
+    def detail(check: dict[str, Any]) -> str:
+        if "bounds" not in check:
+            return ""
+        if check["nonfinite"] and check.get("mean_kl") is None:
+            return f" ({check['nonfinite']} NaN/Inf logits)"
+        return (f" (mean KL {check['mean_kl']:.3g}, top-1 agreement {check['top1_agreement']:.3f}, max |Δlogit| "
+                f"{check['max_abs_diff']:.3g}, NaN/Inf {check['nonfinite']}; bounds {check['bounds']})")
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -192,7 +254,8 @@ def parity_checks(ours, ref, text: list[int], rule) -> list[dict[str, Any]]:
     next_id = np.asarray([[int(np.argmax(ref_logits[0, -1]))]], np.int64)
     step_mask, step_pos = np.ones((1, n + 1), np.int64), np.asarray([[n]], np.int64)
     ref_step, _ = ref.forward(next_id, step_mask, step_pos, ref_past)
-    our_step, _ = ours.forward(next_id, step_mask, step_pos, ref_past)
+    our_past = [past.astype(ours.layout.dtype, copy=False) for past in ref_past]  # an fp16 artifact's cache is fp16
+    our_step, _ = ours.forward(next_id, step_mask, step_pos, our_past)
     checks.append(rule.compare(f"decode logits (1 token, {n} past)", our_step, ref_step))
 
     pad, (batch_ids, batch_mask, batch_pos) = left_padded_batch(text)
@@ -243,6 +306,50 @@ def verify(artifact_dir: Path, model: Any, tokenizer: Any, bounds: VerifyBounds,
     return _raise_if_failed(report, rule, "verification failed")
 
 
+def comparison_rule(weights: str, profile: TargetProfile):
+    """ExactRule for fused fp32, Fp16Rule for a half-precision artifact, LowBitRule for int8/int4."""
+    if weights == "fp32":
+        return ExactRule(profile.verify)
+    if weights == "fp16":
+        return Fp16Rule(profile.verify.float16)
+    return LowBitRule(profile.low_bit_bounds(weights))
+
+
+def half_precision_parity(artifact_dir: Path | None, twin_dir: Path, reference_dir: Path, text: list[int],
+                          held_out: list[list[int]], bounds: Fp16Bounds, progress: Callable | None = None,
+                          **session_kwargs) -> dict[str, Any]:
+    """Checks (a) and (c) of fp16 validation: the half-precision artifact on this machine's provider and
+    its fp16-storage twin (passes.EmulateFp16StoragePass), each against the fp32 export with Fp16Rule:
+    prefill, cached decode step and left-padded batch of `text`, plus a prefill of each `held_out`
+    window. `artifact_dir` None: the artifact cannot run here (bf16 on the CPU provider); the twin only."""
+    step = progress or (lambda message: None)
+    rule = Fp16Rule(bounds)
+    ref = _load(reference_dir, **session_kwargs)
+    results: dict[str, Any] = {}
+    for label, folder in (("artifact", artifact_dir), ("twin", twin_dir)):
+        if folder is None:
+            continue
+        step(f"{label} against the fp32 export")
+        ours = _load(folder, **session_kwargs)
+        checks = parity_checks(ours, ref, text, rule)
+        for window in held_out:
+            ids = np.asarray([window], np.int64)
+            mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None, :]
+            ref_logits, _ = ref.forward(ids, mask, positions, ref.empty_cache(1))
+            our_logits, _ = ours.forward(ids, mask, positions, ours.empty_cache(1))
+            checks.append(rule.compare(f"held-out prefill logits ({ids.shape[1]} tokens)", our_logits, ref_logits))
+        summary = rule.pooled(checks)
+        results[label] = {"checks": checks, "summary": summary, "passed": summary["passed"]}
+    results["passed"] = all(result["passed"] for result in results.values())
+    return results
+
+
+def verify_checker_only(artifact_dir: Path, reason: str) -> dict[str, Any]:
+    """An artifact this machine cannot run (bf16 on the CPU provider): onnx.checker only, and why."""
+    return {"against": "the verified fp32 export", "checks": [_checker(artifact_dir / MODEL_FILE)],
+            "skipped": reason, "passed": True}
+
+
 def verify_optimized(artifact_dir: Path, reference_dir: Path, prompt: list[int], reference_tokens: list[int],
                      weights: str, profile: TargetProfile, progress: Callable | None = None,
                      **session_kwargs) -> dict[str, Any]:
@@ -251,7 +358,7 @@ def verify_optimized(artifact_dir: Path, reference_dir: Path, prompt: list[int],
     step = progress or (lambda message: None)
     started = time.perf_counter()
     tokens = profile.verify.greedy_tokens
-    rule = ExactRule(profile.verify) if weights == "fp32" else LowBitRule(profile.low_bit_bounds(weights))
+    rule = comparison_rule(weights, profile)
     checks = [_checker(artifact_dir / MODEL_FILE)]
     step("onnxruntime load")
     ours, ref = _load(artifact_dir, **session_kwargs), _load(reference_dir, **session_kwargs)
@@ -261,6 +368,8 @@ def verify_optimized(artifact_dir: Path, reference_dir: Path, prompt: list[int],
     step("prefill, decode and batch comparison")
     # Score the prompt and the reference's own continuation: more positions than the prompt alone.
     checks += parity_checks(ours, ref, prompt + reference_tokens, rule)
+    if hasattr(rule, "pooled"):
+        checks.append(rule.pooled(checks))
     agree = next((i for i, (a, b) in enumerate(zip(our_tokens, reference_tokens)) if a != b), len(reference_tokens))
     greedy = {"reference": reference_tokens, "optimized": our_tokens, "identical": our_tokens == reference_tokens,
               "first_difference": agree}

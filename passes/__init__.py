@@ -2,6 +2,8 @@
 returns a `StatsResult` (what it changed, what did not fire and why) and checks its ordering against
 the others in `requires()`. The stages that run them, in order, are in edgecompress.graph_stages."""
 
+from edgecompress.passes.convert_float16 import ConvertFloat16Pass
+from edgecompress.passes.emulate_fp16_storage import EmulateFp16StoragePass
 from edgecompress.passes.fuse_group_query_attention import FuseGroupQueryAttentionPass
 from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
 from edgecompress.passes.graph_edits import StatsResult
@@ -13,6 +15,8 @@ from edgecompress.passes.replace_layers import ReplaceLayersPass
 from edgecompress.passes.split_low_rank import SplitLowRankPass
 
 __all__ = [
+    "ConvertFloat16Pass",
+    "EmulateFp16StoragePass",
     "FuseGroupQueryAttentionPass",
     "FuseOrtOpsPass",
     "GgufBlocks",

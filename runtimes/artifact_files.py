@@ -69,3 +69,26 @@ def verify_manifest(folder: Path, hashes: bool = True) -> dict:
         if hashes and sha256_file(path) != entry["sha256"]:
             raise ArtifactRuntimeError(f"artifact file '{name}' does not match its sha256 in the manifest (corrupted?)")
     return manifest
+
+
+def artifact_providers(folder: Path, providers: list[str] | None = None) -> tuple[list, list[str]]:
+    """The onnxruntime providers (with their options) to run an artifact with, and warnings.
+
+    Asked-for `providers` win. Otherwise the providers of the target the artifact was built for
+    (report.json), those this onnxruntime has, in order, with the target's provider options; when
+    none of them is here, the CPU provider and a one-line warning."""
+    import onnxruntime as ort
+
+    if providers:
+        return list(providers), []
+    target = read_json(folder, REPORT_FILE, required=False).get("target") or {}
+    wanted = target.get("execution_provider") or ["CPUExecutionProvider"]
+    options = target.get("provider_options") or {}
+    available = set(ort.get_available_providers())
+    present = [(name, dict(options.get(name, {}))) for name in wanted if name in available]
+    if present and present[0][0] == wanted[0]:
+        return present, []
+    fallback = present or [("CPUExecutionProvider", {})]
+    missing = [name for name in wanted if name not in available]
+    return fallback, [f"the artifact's target {target.get('name', '?')} runs on {', '.join(missing)}, which this "
+                      f"onnxruntime lacks; running on {fallback[0][0]}"]

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edgecompress.contract import GENAI_CONFIG_FILE, TOKENIZER_CONFIG_FILE
-from edgecompress.runtimes.artifact_files import artifact_folder, load_tokenizer, read_json, verify_manifest
+from edgecompress.runtimes.artifact_files import artifact_folder, artifact_providers, load_tokenizer, read_json, verify_manifest
 from edgecompress.runtimes.chat import ChatTemplate
 from edgecompress.runtimes.decoder import OrtDecoder
 from edgecompress.runtimes.detokenize import IncrementalDetokenizer
@@ -64,6 +64,8 @@ class TextGenerator:
         self.tokenizer = load_tokenizer(self.folder)
         self.tokenizer_config = read_json(self.folder, TOKENIZER_CONFIG_FILE, required=False)
         self._chat_template: ChatTemplate | None = None
+        # The artifact's target's providers when none are asked for; CPU with a warning when they are not here.
+        providers, self.warnings = artifact_providers(self.folder, providers)
         session = create_session(self.folder, providers=providers, threads=threads, **session_kwargs)
         self.decoder = OrtDecoder(self.folder, session=session)
         self.io_binding = io_binding

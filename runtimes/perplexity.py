@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecompress.runtimes import text_sources
-from edgecompress.runtimes.artifact_files import artifact_folder, load_tokenizer
+from edgecompress.runtimes.artifact_files import artifact_folder, artifact_providers, load_tokenizer
 from edgecompress.runtimes.decoder import OrtDecoder
 from edgecompress.runtimes.errors import ArtifactRuntimeError
 
@@ -110,7 +110,10 @@ def perplexity(
         )
     tokenize_s = time.perf_counter() - started
 
-    decoder = decoder or OrtDecoder(folder, **session_kwargs)
+    warnings: list[str] = []
+    if decoder is None:
+        session_kwargs["providers"], warnings = artifact_providers(folder, session_kwargs.get("providers"))
+        decoder = OrtDecoder(folder, **session_kwargs)
     started = time.perf_counter()
     total_nll, scored, window_nll = _score_windows(decoder, windows, batch_size)
     run_s = time.perf_counter() - started
@@ -133,4 +136,6 @@ def perplexity(
         "settings": asdict(settings),
         "seconds": {"tokenize": round(tokenize_s, 3), "evaluate": round(run_s, 3)},
         "tokens_per_second": round(len(windows) * seq_len / run_s, 1),
+        "providers": [p if isinstance(p, str) else p[0] for p in decoder.session.get_providers()],
+        "warnings": warnings,
     }

@@ -28,7 +28,13 @@ def create_session(
     threads: int | None = None,
     optimization: str = "all",
     custom_op_libraries: list[str] | None = None,
+    provider_options: list[dict[str, str]] | None = None,
+    profile_prefix: str | None = None,
+    session_config: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
+    """`provider_options`: one dict per entry of `providers` (onnxruntime's own pairing);
+    `profile_prefix`: turn on onnxruntime's profiler, writing `<prefix>_<date>.json` (end_profiling());
+    `session_config`: session config entries (`session.intra_op.allow_spinning`, ...)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -39,11 +45,17 @@ def create_session(
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    for key, value in (session_config or {}).items():
+        options.add_session_config_entry(key, value)
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     for library in custom_op_libraries or []:
         options.register_custom_ops_library(str(library))
     try:
         return ort.InferenceSession(
-            str(model_path(artifact)), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+            str(model_path(artifact)), sess_options=options, providers=providers or ["CPUExecutionProvider"],
+            **({"provider_options": provider_options} if provider_options is not None else {}),
         )
     except RuntimeLoadError:
         raise

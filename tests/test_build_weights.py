@@ -93,10 +93,16 @@ def test_low_bit_weights_are_fused_by_default_on_cpu_x86(tiny_llama_dir, tmp_pat
     assert plain["weights"]["fuse"] is False and "fusion" not in plain["export"]["optimize"]
 
 
-def test_a_gpu_target_is_refused_before_loading(tiny_llama_dir, tmp_path):
+def test_a_dtype_this_version_does_not_build_is_refused_before_loading(tiny_llama_dir, tmp_path):
     target = tmp_path / "gpu.toml"
     target.write_text('name = "gpu"\ndescription = "test"\ndevice = "cuda"\n'
-                      'execution_provider = ["CUDAExecutionProvider"]\ndtype = "float16"\n')
+                      'execution_provider = ["CUDAExecutionProvider"]\ndtype = "bfloat16"\n')
     result = run_cli("build", str(tiny_llama_dir), "-t", str(target), "-o", str(tmp_path / "out"))
-    assert_one_line_error(result, "target 'gpu' needs a cuda float16 build")
+    assert_one_line_error(result, "target 'gpu' asks for bfloat16 artifacts; this version builds float32, float16")
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_fp16_weights_are_refused_on_a_cpu_target(tiny_llama_dir, tmp_path):
+    result = run_cli("build", str(tiny_llama_dir), "--weights", "fp16", "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "target 'cpu-x86' cannot run fp16 weights; it supports fp32, int8, int4")
     assert result.returncode == 2 and not (tmp_path / "out").exists()

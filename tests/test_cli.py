@@ -51,7 +51,8 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unknown_target_lists_valid_ones(tiny_llama_dir, tmp_path):
     result = run_cli("build", str(tiny_llama_dir), "--target", "toaster", "-o", str(tmp_path / "out"))
-    assert_one_line_error(result, "valid targets: cpu-x86")
+    assert_one_line_error(result, "unknown target 'toaster'; valid targets: a40, cpu-x86, h100, jetson-agx-orin, "
+                          "jetson-orin-nano, jetson-orin-nano-super, jetson-orin-nx, l4, rtx-4090, jetson-orin (or a .toml file)")
     assert not (tmp_path / "out").exists()
 
 

@@ -64,11 +64,17 @@ def test_fp32_unfused_has_no_passes(artifact):
 @pytest.mark.parametrize("args,message", [
     (("int3", 32), "unknown weight format"),
     (("int4", 48), "block size must be one of"),
-    (("fp16", 32), "not implemented"),
 ])
 def test_bad_format_is_refused_before_any_pass(args, message):
     with pytest.raises(EdgeCompressError, match=message):
         check_weight_format(*args)
+
+
+def test_fp16_weights_only_fuse_in_the_pass_list():
+    """fp16 is a whole-graph conversion after the fusions (edgecompress.half_precision), not a weight pass."""
+    passes = graph_stages.optimize_passes(WeightFormats("fp16", 32, 4, True))
+    assert [(role, type(p).__name__) for role, p in passes] == [
+        (graph_stages.FUSION, "FuseOrtOpsPass"), (graph_stages.FUSION, "FuseGroupQueryAttentionPass")]
 
 
 def test_missing_gguf_source_is_refused():

@@ -61,3 +61,15 @@ def test_cli_verbs_other_than_build_do_not_import_torch_or_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "heavy: []" in result.stdout and "cpu-x86" in result.stdout
+
+
+def test_the_profile_verb_does_not_import_torch_transformers_or_onnx(tiny_llama_artifact):
+    folder, _ = tiny_llama_artifact
+    argv = ["edgecompress", "profile", str(folder), "-p", "4", "-n", "2", "-r", "1", "--ops-steps", "1", "--format", "json"]
+    code = (
+        f"import sys\nsys.argv = {argv!r}\nimport edgecompress.cli as cli\n"
+        "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
+        "print('heavy:', sorted({'torch', 'transformers', 'onnx', 'onnx_ir'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "heavy: []" in result.stdout and '"schema": "edgecompress.profile/1"' in result.stdout

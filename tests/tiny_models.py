@@ -34,15 +34,16 @@ def make_tokenizer():
     return tokenizer
 
 
-def make_model(model_type: str = "llama", layers: int = 3, seed: int = 0, vocab_size: int = 64):
+def make_model(model_type: str = "llama", layers: int = 3, seed: int = 0, vocab_size: int = 64, hidden: int = 64,
+               intermediate: int = 128):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[model_type]
     config = config_class(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -60,9 +61,10 @@ def make_model(model_type: str = "llama", layers: int = 3, seed: int = 0, vocab_
     return model
 
 
-def save_tiny_model(folder: Path, model_type: str = "llama", layers: int = 3, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, model_type: str = "llama", layers: int = 3, seed: int = 0, **sizes) -> Path:
+    """`sizes`: hidden / intermediate widths (make_model's defaults otherwise)."""
     folder = Path(folder)
-    model = make_model(model_type, layers, seed)
+    model = make_model(model_type, layers, seed, **sizes)
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder

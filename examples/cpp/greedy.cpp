@@ -55,19 +55,24 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < session.GetOutputCount(); ++i)
       output_names.push_back(session.GetOutputNameAllocated(i, allocator).get());
     std::vector<int64_t> kv_shape;  // [batch, kv_heads, past, head_dim]
+    ONNXTensorElementDataType kv_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // fp16 in a GPU target's artifact
     for (size_t i = 0; i < input_names.size(); ++i)
-      if (input_names[i] == "past_key_values.0.key")
-        kv_shape = session.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetShape();
+      if (input_names[i] == "past_key_values.0.key") {
+        Ort::TypeInfo type_info = session.GetInputTypeInfo(i);  // owns what the view below reads
+        auto info = type_info.GetTensorTypeAndShapeInfo();
+        kv_shape = info.GetShape();
+        kv_type = info.GetElementType();
+      }
     if (kv_shape.size() != 4) throw std::runtime_error("no past_key_values.0.key input");
 
-    // The cache, by name; it starts empty (past length 0).
+    // The cache, by name, in the graph's cache dtype; it starts empty (past length 0). Logits are fp32 always.
     std::vector<std::string> cache_names;
     std::vector<Ort::Value> cache;
     for (const auto& name : input_names)
       if (name.rfind("past_key_values.", 0) == 0) {
         cache_names.push_back(name);
         std::vector<int64_t> shape = {1, kv_shape[1], 0, kv_shape[3]};
-        cache.push_back(Ort::Value::CreateTensor<float>(allocator, shape.data(), shape.size()));
+        cache.push_back(Ort::Value::CreateTensor(allocator, shape.data(), shape.size(), kv_type));
       }
 
     std::vector<const char*> in_names, out_names;

@@ -1,0 +1,162 @@
+"""The timed loop (docs "profiler-and-targets" §F.3): one request per test and repetition.
+
+Only `session.run` (or `run_with_iobinding`) and the greedy argmax in numpy sit between the two
+perf_counter_ns reads of a step; inputs are built before, and the KV cache is carried by reference
+(numpy arrays, or OrtValues on the session's device with IO binding, so a GPU cache never leaves it).
+Depth tokens are prefilled untimed. Memory peaks are reset and read outside the timed spans.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from edgecompress import contract
+from edgecompress.runtimes.decoder import kv_layout
+from edgecompress.runtimes.profiler.settings import Shape
+
+
+@dataclass
+class Step:
+    tokens: np.ndarray  # [batch] greedy ids
+    run_ns: int  # session.run alone
+    total_ns: int  # run + logits to host + argmax: the step's latency
+
+
+class Runner:
+    """One session's forward steps with the KV cache carried between calls."""
+
+    def __init__(self, session: ort.InferenceSession, io_binding: bool):
+        self.session = session
+        self.layout = kv_layout(session)
+        self.io_binding = io_binding
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.past_names = contract.past_names(self.layout.num_layers)
+        self.present_names = contract.present_names(self.layout.num_layers)
+        gpu = any(p in session.get_providers()[0] for p in ("CUDA", "Tensorrt"))
+        self.device = "cuda" if gpu else "cpu"
+        self.past: list = []
+        self.length = 0
+        self.first_call_ns: int | None = None  # the session's very first run: first-run overhead included
+
+    def reset(self, batch: int) -> None:
+        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
+        empty = [np.zeros(shape, dtype=self.layout.dtype) for _ in self.past_names]
+        if self.io_binding:
+            empty = [ort.OrtValue.ortvalue_from_numpy(array, self.device, 0) for array in empty]
+        self.past, self.length = empty, 0
+
+    def _inputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        batch, step = ids.shape
+        positions = np.arange(self.length, self.length + step, dtype=np.int64)
+        return {
+            contract.INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
+            contract.ATTENTION_MASK: np.ones((batch, self.length + step), dtype=np.int64),
+            contract.POSITION_IDS: np.ascontiguousarray(np.broadcast_to(positions, (batch, step))),
+        }
+
+    def step(self, ids: np.ndarray) -> Step:
+        """Run `ids` [batch, tokens] after the cached ones; greedy next ids from the last position."""
+        inputs = self._inputs(ids)
+        if self.io_binding:
+            return self._bound_step(inputs, ids.shape[1])
+        feed = {**inputs, **dict(zip(self.past_names, self.past))}
+        start = time.perf_counter_ns()
+        outputs = self.session.run(self.output_names, feed)
+        ran = time.perf_counter_ns()
+        tokens = outputs[0][:, -1].argmax(axis=-1)
+        done = time.perf_counter_ns()
+        named = dict(zip(self.output_names, outputs))
+        self.past = [named[name] for name in self.present_names]
+        self.length += ids.shape[1]
+        return self._record(Step(tokens, ran - start, done - start))
+
+    def _bound_step(self, inputs: dict[str, np.ndarray], count: int) -> Step:
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in zip(self.past_names, self.past):
+            binding.bind_ortvalue_input(name, value)
+        for name in [contract.LOGITS, *self.present_names]:
+            binding.bind_output(name, self.device, 0)
+        start = time.perf_counter_ns()
+        self.session.run_with_iobinding(binding)
+        ran = time.perf_counter_ns()
+        outputs = binding.get_outputs()  # in bind_output order
+        tokens = outputs[0].numpy()[:, -1].argmax(axis=-1)
+        done = time.perf_counter_ns()
+        self.past = list(outputs[1:])
+        self.length += count
+        return self._record(Step(tokens, ran - start, done - start))
+
+    def _record(self, step: Step) -> Step:
+        if self.first_call_ns is None:
+            self.first_call_ns = step.total_ns
+        return step
+
+
+@dataclass
+class Request:
+    """One repetition of one test: its timings in ns and the spans that memory samplers look at."""
+
+    ttft_ns: int | None = None
+    itl_ns: list[int] = field(default_factory=list)
+    e2e_ns: int | None = None
+    sampling_ns: list[int] = field(default_factory=list)  # logits to host + argmax, per timed step
+    window: tuple[int, int] = (0, 0)
+    host_prefill_peak_mb: float | None = None
+    host_decode_peak_mb: float | None = None
+
+
+def run_request(runner: Runner, shape: Shape, ids: np.ndarray, host=None) -> Request:
+    """Depth untimed, then the timed prefill and/or decode steps. `ids` holds depth + prompt tokens,
+    plus one more column: the first decode input of a test without a timed prefill."""
+    request = Request()
+    runner.reset(shape.batch)
+    next_ids = ids[:, -1:]
+    if host is not None:
+        host.reset()
+    if shape.n_depth:
+        next_ids = runner.step(ids[:, : shape.n_depth]).tokens[:, None]
+    start = time.perf_counter_ns()
+    if shape.n_prompt:
+        step = runner.step(ids[:, shape.n_depth : shape.n_depth + shape.n_prompt])
+        request.ttft_ns = step.total_ns
+        request.sampling_ns.append(step.total_ns - step.run_ns)
+        next_ids = step.tokens[:, None]
+    if host is not None:
+        request.host_prefill_peak_mb = host.peak_mb()
+        host.reset()
+    decode_start = time.perf_counter_ns()
+    for _ in range(shape.decode_steps):
+        step = runner.step(next_ids)
+        request.itl_ns.append(step.total_ns)
+        request.sampling_ns.append(step.total_ns - step.run_ns)
+        next_ids = step.tokens[:, None]
+    end = time.perf_counter_ns()
+    if host is not None and shape.decode_steps:
+        request.host_decode_peak_mb = host.peak_mb()
+    # A decode-only test's e2e starts at its first decode step (the depth prefill is not part of it).
+    request.e2e_ns = end - (start if shape.n_prompt else decode_start)
+    request.window = (start, end)
+    return request
+
+
+def token_ids(shape: Shape, vocab: int, seed: int, text_ids: list[int] | None = None) -> np.ndarray:
+    """[batch, depth + prompt + 1] ids: random (fixed seed, like llama-bench) or cycled from a text."""
+    width = shape.n_depth + shape.n_prompt + 1
+    if text_ids:
+        row = np.resize(np.asarray(text_ids, dtype=np.int64), width)
+        return np.tile(row, (shape.batch, 1))
+    rng = np.random.default_rng([seed, shape.n_prompt, shape.n_gen, shape.n_depth, shape.batch])
+    return rng.integers(0, vocab, size=(shape.batch, width), dtype=np.int64)
+
+
+def warmup_shape(shapes: list[Shape]) -> Shape:
+    """One request at the largest shape: the longest prefill, then the most decode steps."""
+    prefill = max(s.n_depth + s.n_prompt for s in shapes)
+    steps = max(s.decode_steps for s in shapes)
+    return Shape(max(prefill, 1), steps + 1, 0, max(s.batch for s in shapes))
