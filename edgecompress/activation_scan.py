@@ -17,8 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecompress import contract
+from edgecompress.passes.convert_float16 import FP16_MAX  # one home: the converter pass
 
-FP16_MAX = 65504.0
 SCAN_FILE = "activation_scan.onnx"  # written beside the model it scans, so it reads the same data file
 
 

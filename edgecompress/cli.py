@@ -347,8 +347,7 @@ def list_targets(
     table = Table("target", "arch", "dtype", "memory / budget", "bandwidth", "peak (dense)", "power mode", "sources")
     for p in profiles:
         name = p["name"] + "".join(f"\n= {alias}" for alias in p["aliases"])
-        peak = p["peak_tflops_fp32"] if p["dtype"] == "float32" else p["peak_tflops_fp16"]
-        budget = p["memory_budget_gb"] if p["memory_budget_gb"] is not None else p["memory_gb"]
+        peak, budget = p["peak_tflops"], p["budget_gb"]
         table.add_row(
             name, p["arch"] or "?", p["dtype"], f"{_number(p['memory_gb'], 'GB')} / {_number(budget, 'GB')}",
             _number(p["memory_bandwidth_gbs"], "GB/s"), _number(peak, f"TFLOPS {p['dtype'].replace('float', 'fp')}"),

@@ -64,6 +64,11 @@ def output_names(num_layers: int) -> list[str]:
     return [LOGITS, *present_names(num_layers)]
 
 
+def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, tokens: int, elem_bytes: int, batch: int = 1) -> int:
+    """Bytes of the past/present caches above: a key and a value per layer, [batch, kv_heads, tokens, head_dim]."""
+    return 2 * num_layers * batch * kv_heads * tokens * head_dim * elem_bytes
+
+
 def is_kv_name(name: str) -> bool:
     return name.startswith((PAST_PREFIX, PRESENT_PREFIX))
 

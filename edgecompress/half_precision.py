@@ -172,9 +172,12 @@ def _runs_here(folder: Path, session_kwargs: dict) -> str | None:
     from edgecompress.runtimes.errors import RuntimeLoadError
     from edgecompress.runtimes.session import create_session
 
+    from edgecompress.runtimes.decoder import kv_layout
+    from edgecompress.runtimes.errors import ArtifactRuntimeError
+
     try:
-        create_session(folder, **session_kwargs)
-    except RuntimeLoadError as exc:
+        kv_layout(create_session(folder, **session_kwargs))  # a bfloat16 cache cannot be fed from numpy
+    except (RuntimeLoadError, ArtifactRuntimeError) as exc:
         return first_line(exc)
     return None
 

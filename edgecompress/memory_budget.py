@@ -76,9 +76,19 @@ def weights_bytes(shape: ModelShape, weights: str, block_size: int, dtype: str, 
     return other * COMPUTE_BYTES[dtype] + (shape.linear_params - removed_params) * per_linear + head
 
 
+def kv_dtype(profile, weights: str) -> str:
+    """The artifact's KV cache dtype: float16 in fp16 artifacts unless `[fp16] keep_io` keeps the cache fp32."""
+    from edgecompress.contract import is_kv_name
+
+    half = weights == "fp16" or profile.dtype == "float16"
+    return "float16" if half and not any(is_kv_name(name) for name in profile.fp16.keep_io) else "float32"
+
+
 def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, context: int, dtype: str, batch: int = 1) -> float:
     """Keys and values of every layer at `context` tokens."""
-    return 2.0 * num_layers * kv_heads * head_dim * context * batch * COMPUTE_BYTES[dtype]
+    from edgecompress.contract import kv_cache_bytes as contract_bytes
+
+    return float(contract_bytes(num_layers, kv_heads, head_dim, context, COMPUTE_BYTES[dtype], batch))
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,8 @@ class Budget:
     def need(self, shape: ModelShape, formats, profile, removed_params: int = 0) -> MemoryNeed:
         return MemoryNeed(
             weights_bytes(shape, formats.weights, formats.block_size, profile.dtype, removed_params) / GB,
-            kv_cache_bytes(shape.num_layers, shape.kv_heads, shape.head_dim, self.context, profile.dtype) / GB,
+            kv_cache_bytes(shape.num_layers, shape.kv_heads, shape.head_dim, self.context,
+                           kv_dtype(profile, formats.weights)) / GB,
             profile.workspace_gb,
         )
 
@@ -173,19 +184,20 @@ def check_fits(budget: Budget, shape: ModelShape, formats, profile, ratio: float
             "picked_ratio": None, "estimate": need.as_dict(), "reason": "--ratio given"}
 
 
-def artifact_need(budget: Budget, weights_file_bytes: int, kv_layers: int, shape: ModelShape, profile) -> MemoryNeed:
+def artifact_need(budget: Budget, weights_file_bytes: int, kv_layers: int, shape: ModelShape, profile,
+                  weights: str) -> MemoryNeed:
     """The built artifact: its real weight bytes (both files: the graph's own constants load too), the KV
     cache of the layers it kept."""
-    kv = kv_cache_bytes(kv_layers, shape.kv_heads, shape.head_dim, budget.context, profile.dtype)
+    kv = kv_cache_bytes(kv_layers, shape.kv_heads, shape.head_dim, budget.context, kv_dtype(profile, weights))
     return MemoryNeed(weights_file_bytes / GB, kv / GB, profile.workspace_gb)
 
 
 class BudgetCheck:
     """The build's memory check: before the plan (estimates, maybe a picked ratio) and on the artifact."""
 
-    def __init__(self, shape: ModelShape, budget: Budget, section: dict[str, Any], profile,
+    def __init__(self, shape: ModelShape, budget: Budget, section: dict[str, Any], profile, weights: str,
                  picked_ratio: float | None = None, compression=None):
-        self.shape, self.budget, self.section, self.profile = shape, budget, section, profile
+        self.shape, self.budget, self.section, self.profile, self.weights = shape, budget, section, profile, weights
         self.picked_ratio, self.compression = picked_ratio, compression
 
     @classmethod
@@ -202,11 +214,11 @@ class BudgetCheck:
             if ratio is not None:
                 compression = dataclasses.replace(options.auto_compress or CompressOptions(), ratio=ratio,
                                                   rounding="at_least")
-            return cls(shape, budget, section, profile, ratio, compression)
+            return cls(shape, budget, section, profile, formats.weights, ratio, compression)
         ratio = options.compress.ratio
         if inputs.saved_plan is not None:
             ratio = inputs.saved_plan.params["achieved_ratio"]
-        return cls(shape, budget, check_fits(budget, shape, formats, profile, ratio), profile)
+        return cls(shape, budget, check_fits(budget, shape, formats, profile, ratio), profile, formats.weights)
 
     def summary(self) -> str:
         limit = "no limit" if math.isinf(self.budget.budget_gb) else f"{self.budget.budget_gb:g} GB"
@@ -219,7 +231,7 @@ class BudgetCheck:
         from edgecompress.contract import DATA_FILE, MODEL_FILE
 
         weights = sum((folder / name).stat().st_size for name in (MODEL_FILE, DATA_FILE) if (folder / name).exists())
-        need = artifact_need(self.budget, weights, export_info["kv_layers"], self.shape, self.profile)
+        need = artifact_need(self.budget, weights, export_info["kv_layers"], self.shape, self.profile, self.weights)
         fits = need.total_gb <= self.budget.budget_gb
         if not fits:
             warn(f"the artifact needs {need.text()}, over the {self.budget.budget_gb:g} GB budget ({self.budget.budget_source})")

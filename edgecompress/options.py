@@ -181,6 +181,10 @@ class BuildOptions:
             raise EdgeCompressError(f"--context must be a positive number of tokens, got {self.context!r}")
         if self.compress is not None:
             self.compress.validate()
+        elif self.auto_compress is not None:  # used only if the budget asks for compression: checked now anyway
+            import dataclasses
+
+            dataclasses.replace(self.auto_compress, ratio=0.5).validate()
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,9 @@ def default_out(model_spec: str | None, target: str) -> Path:
 
 
 def session_options(profile: TargetProfile) -> dict[str, Any]:
-    """onnxruntime settings for verification and evaluation: the target's providers present here, its threads."""
-    return {"providers": profile.providers, "threads": profile.threads}
+    """onnxruntime settings for verification and evaluation: the target's providers present here with their
+    [provider_options] (strict SkipLayerNorm, no TF32: the parity settings), its threads."""
+    return {"providers": profile.session_providers(), "threads": profile.threads}
 
 
 def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:

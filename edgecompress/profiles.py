@@ -138,6 +138,7 @@ class TargetProfile:
             if isinstance(value, tuple):
                 data[key] = list(value)
         data["fp16"] = {key: list(v) if isinstance(v, tuple) else v for key, v in data["fp16"].items()}
+        data["budget_gb"], data["peak_tflops"] = self.budget_gb, self.peak_tflops  # derived, for `targets`
         return data
 
 

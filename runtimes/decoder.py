@@ -34,7 +34,10 @@ def kv_layout(session) -> KVLayout:
             f"the model has no {contract.PAST_PREFIX}* inputs: not a KV-cache decoder exported by edgecompress"
         )
     first = pasts[0]
-    dtype = np.float16 if "float16" in first.type else np.float32
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    if first.type not in dtypes:  # numpy has no bfloat16: such a cache must stay on the device (IO binding)
+        raise ArtifactRuntimeError(f"the KV cache is {first.type}; this runtime feeds float32 or float16 caches")
+    dtype = dtypes[first.type]
     return KVLayout(len(pasts), int(first.shape[1]), int(first.shape[3]), dtype)
 
 

@@ -136,6 +136,6 @@ def perplexity(
         "settings": asdict(settings),
         "seconds": {"tokenize": round(tokenize_s, 3), "evaluate": round(run_s, 3)},
         "tokens_per_second": round(len(windows) * seq_len / run_s, 1),
-        "providers": [p if isinstance(p, str) else p[0] for p in decoder.session.get_providers()],
+        "providers": decoder.session.get_providers(),
         "warnings": warnings,
     }

@@ -81,9 +81,24 @@ def _tiny_dense_gb(tiny_llama_dir) -> float:
 
 
 def test_model_shape_counts_a_real_model(tiny_llama_dir):
-    shape, _ = _tiny_dense_gb(tiny_llama_dir)
-    assert shape.linear_params + shape.embedding_params < shape.params  # norms are neither
-    assert shape.lm_head_tied in (True, False) and shape.num_layers >= 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    shape = mb.model_shape(model)
+    config = model.config  # tiny llama: tied, 3 layers of 64 wide, 4 heads, 2 KV heads, MLP 128
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128  # q, o; k, v (2 heads of 16); gate, up, down
+    assert shape.lm_head_tied and shape.linear_params == config.num_hidden_layers * per_layer
+    assert shape.params == sum(p.numel() for p in model.parameters()) and shape.embedding_params == 64 * 64
+    assert (shape.num_layers, shape.kv_heads, shape.head_dim) == (3, 2, 16)
+
+
+def test_the_kv_cache_stays_fp32_when_the_policy_keeps_it(tmp_path):
+    path = tmp_path / "keep.toml"
+    path.write_text('name="k"\ndescription="x"\ndevice="cuda"\nexecution_provider="CPUExecutionProvider"\n'
+                    'dtype="float16"\n[fp16]\nkeep_io = ["logits", "present.0.key"]\n')
+    keep = profiles.load_profile(str(path))
+    assert mb.kv_dtype(keep, "fp16") == "float32" and mb.kv_dtype(NANO, "fp16") == "float16"
+    assert mb.kv_dtype(profiles.load_profile("cpu-x86"), "int4") == "float32"
 
 
 def test_a_build_over_budget_is_compressed_to_fit(calibration_file, evaluation_file, tmp_path):  # noqa: F811

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgecompress.runtimes.profiler.assemble import SCHEMA
 from edgecompress.runtimes.profiler.compare import compare, load_baseline
-from edgecompress.runtimes.profiler.outputs import check_out_dir, render, write_outputs
+from edgecompress.runtimes.profiler.outputs import check_out_dir, discard_files, render, write_outputs
 from edgecompress.runtimes.profiler.plot import plot_profile
 from edgecompress.runtimes.profiler.run import profile_artifacts
 from edgecompress.runtimes.profiler.settings import ProfileSettings
@@ -34,6 +34,6 @@ def profile_artifact(artifact, settings: ProfileSettings | None = None, *, out=N
             result["warnings"].append(f"the baseline ran with other settings: {result['compare']['settings_differ']}")
     if out_dir is not None:
         write_outputs(result, Path(out_dir), plot_profile)
-    else:
-        result.pop("_files", None)
+    else:  # nothing kept: the op pass's temporary trace folder goes too
+        discard_files(result)
     return result

@@ -48,7 +48,11 @@ class Artifact:
         if not pasts or not all(isinstance(d, int) for d in (pasts[0][1][1], pasts[0][1][3])):
             raise ArtifactRuntimeError(f"'{self.folder}' has no {contract.PAST_PREFIX}* inputs with static heads")
         elem, dims = pasts[0]
-        return KVLayout(len(pasts), dims[1], dims[3], {10: np.float16}.get(elem, np.float32))
+        dtypes = {1: np.float32, 10: np.float16}  # ONNX TensorProto FLOAT, FLOAT16
+        if elem not in dtypes:
+            raise ArtifactRuntimeError(f"'{self.folder}' has a KV cache of ONNX element type {elem}; "
+                                       f"the profiler runs float32 or float16 caches")
+        return KVLayout(len(pasts), dims[1], dims[3], dtypes[elem])
 
     def describe(self, layout) -> dict:
         compression = self.report.get("compression") or {}

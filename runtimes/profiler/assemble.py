@@ -21,7 +21,7 @@ def assemble(item, shapes: list[Shape], settings, device: dict, schedule: list[d
                                layout.head_dim, np.dtype(layout.dtype).itemsize)
     bw, bw_source = roofline.bandwidth(item.target, device.get("jetson"), live_emc_mhz)
     peak, peak_dtype = roofline.peak_for(item.target, np.dtype(layout.dtype).name)
-    on_target = _measured_on_target(item)
+    on_target = _measured_on_target(item, device)
     warnings, tests = [], []
     for shape, requests in zip(shapes, item.requests):
         row, row_warnings = test_row(shape, requests)
@@ -51,10 +51,18 @@ def assemble(item, shapes: list[Shape], settings, device: dict, schedule: list[d
     }
 
 
-def _measured_on_target(item) -> bool:
-    """Whether the roofline target is the device the numbers were measured on (else: a prediction)."""
+def _measured_on_target(item, device: dict) -> bool:
+    """Whether the roofline target is the device the numbers were measured on (else: a prediction).
+
+    CPU: a CPU target the artifact was built for. GPU: the target's architecture is the GPU's, and a
+    Jetson target runs on a Jetson (sm_87 modules are told apart only by the user's --target)."""
     on_cpu = item.provider == CPU
-    return (item.target.device == "cpu") == on_cpu and (not on_cpu or item.target.name == item.artifact.build_target.name)
+    if (item.target.device == "cpu") != on_cpu:
+        return False
+    if on_cpu:
+        return item.target.name == item.artifact.build_target.name
+    sm = (device.get("gpu") or {}).get("sm")
+    return item.target.arch == f"sm_{sm}" and bool(item.target.shared_memory) == bool(device.get("jetson"))
 
 
 def _roofline(tests: list[dict], cost, bandwidth: tuple, peak: tuple, target, on_target: bool) -> dict:

@@ -21,17 +21,19 @@ import numpy as np
 from edgecompress.runtimes.profiler.loop import Runner
 from edgecompress.runtimes.profiler.onnx_graph import Graph
 from edgecompress.runtimes.profiler.roles import NodeIndex, node_layer, node_role, role_of_op
+from edgecompress.runtimes.errors import ArtifactRuntimeError
 from edgecompress.runtimes.session import create_session
 
 TOP_NODES = 10
 
 
 def profiling_pass(folder: Path, providers, threads, io_binding: bool, prefill_ids: np.ndarray, steps: int,
-                   trace_dir: Path) -> tuple[Path, int]:
-    """Run warm-up + the profiled request in a profiling session; returns the trace and the number of
-    warm-up runs at its start (dropped, B.4: the first runs plan memory and grow the arena)."""
+                   trace_dir: Path, session_kwargs: dict | None = None) -> tuple[Path, int]:
+    """Run warm-up + the profiled request in a profiling session configured as the timed one
+    (`session_kwargs`: provider options, session config); returns the trace and the number of warm-up
+    runs at its start (dropped, B.4: the first runs plan memory and grow the arena)."""
     session = create_session(folder, providers=providers, threads=threads,
-                             profile_prefix=str(trace_dir / "ort_profile"))
+                             profile_prefix=str(trace_dir / "ort_profile"), **(session_kwargs or {}))
     runner = Runner(session, io_binding)
     runner.reset(prefill_ids.shape[0])  # a warm-up request: one prefill and one decode step
     runner.step(runner.step(prefill_ids).tokens[:, None])
@@ -86,6 +88,8 @@ def classify(event: dict, index: NodeIndex) -> dict:
 def summarize_phase(runs: list[list[dict]], index: NodeIndex, bw_gbs: float | None) -> dict:
     """Mean per run over `runs` (each [model_run event, node events...])."""
     count = len(runs)
+    if count == 0:
+        raise ArtifactRuntimeError("the onnxruntime trace holds no model_run event for this phase (event cap reached?)")
     rows = [classify(e, index) for run in runs for e in run[1:] if e["name"].endswith("_kernel_time")]
     run_ms = sum(run[0]["dur"] for run in runs) / count / 1e3
     kernels_ms = sum(r["us"] for r in rows) / count / 1e3
@@ -148,10 +152,11 @@ def _top_nodes(rows, count, bw_gbs) -> list[dict]:
 
 
 def op_profile(folder: Path, graph: Graph, providers, threads, io_binding: bool, prefill_ids: np.ndarray,
-               steps: int, bw_gbs: float | None, trace_dir: Path | None = None) -> tuple[dict, Path]:
+               steps: int, bw_gbs: float | None, trace_dir: Path | None = None,
+               session_kwargs: dict | None = None) -> tuple[dict, Path]:
     """The `ops` section of the profile and the raw trace file."""
     trace_dir = Path(trace_dir or tempfile.mkdtemp(prefix="edgecompress-trace-"))  # outputs.TRACE_PREFIX
-    trace, skip = profiling_pass(folder, providers, threads, io_binding, prefill_ids, steps, trace_dir)
+    trace, skip = profiling_pass(folder, providers, threads, io_binding, prefill_ids, steps, trace_dir, session_kwargs)
     events = load_trace(trace)
     runs = split_runs(events)[skip:]
     index = NodeIndex(graph)

@@ -192,3 +192,12 @@ def _move_into_place(staging: Path, out: Path) -> None:
         return
     for file in staging.iterdir():
         os.replace(file, out / file.name)
+
+
+def discard_files(result: dict) -> None:
+    """No output folder keeps them: drop the side files and the op pass's temporary trace folder."""
+    result.pop("_files", None)
+    trace = (result.get("ops") or {}).get("trace")
+    if trace and Path(trace).parent.name.startswith(TRACE_PREFIX):
+        shutil.rmtree(Path(trace).parent, ignore_errors=True)
+        result["ops"]["trace"] = None  # removed: profile with -o DIR to keep ort_trace.json

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgecompress import contract
 from edgecompress.runtimes.profiler.onnx_graph import Graph
 
 LINEAR_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"}
@@ -35,7 +36,7 @@ class GraphCost:
 
     def kv_token_bytes(self) -> int:
         """Key + value of one token in every layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.elem_bytes
+        return contract.kv_cache_bytes(self.layers, self.kv_heads, self.head_dim, 1, self.elem_bytes)
 
     def step(self, tokens: int, past: int, batch: int = 1) -> dict:
         """Bytes and FLOPs of one forward call of `tokens` new tokens after `past` cached ones."""

@@ -159,7 +159,9 @@ def profile_ops(item: Loaded, shapes: list[Shape], settings: ProfileSettings, bw
         steps = max(1, min(steps, context - prefill.shape[1]))
     item.ops, item.trace = _guarded(
         lambda: op_profile(item.artifact.folder, item.artifact.graph, item.providers, settings.threads,
-                           item.io_binding, prefill, steps, bw_gbs), "the op-profiling pass")
+                           item.io_binding, prefill, steps, bw_gbs,
+                           session_kwargs={"provider_options": item.provider_options,
+                                           "session_config": _session_config(settings)}), "the op-profiling pass")
 
 
 def start_samplers(settings: ProfileSettings) -> dict:
