@@ -116,7 +116,7 @@ def plan_blocks(graph: ir.Graph, scan: ActivationScan, policy: Fp16Policy) -> Fp
     masks = mask_tensors(graph)
     values = {v.name: v for node in graph for v in node.outputs}
     ranges = {name: peak for name, peak in scan.absmax.items() if name not in masks}
-    hot = {name: peak for name, peak in ranges.items() if peak >= policy.absmax_block}
+    hot = {name: peak for name, peak in scan.hot(policy.absmax_block).items() if name not in masks}
     blocked: dict[str, str] = {}
     for name, peak in sorted(hot.items(), key=lambda item: -item[1]):
         value = values.get(name)

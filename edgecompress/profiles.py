@@ -138,8 +138,18 @@ class TargetProfile:
             if isinstance(value, tuple):
                 data[key] = list(value)
         data["fp16"] = {key: list(v) if isinstance(v, tuple) else v for key, v in data["fp16"].items()}
-        data["budget_gb"], data["peak_tflops"] = self.budget_gb, self.peak_tflops  # derived, for `targets`
+        data["budget_gb"], data["peak_tflops"] = self.budget_gb, self.peak_tflops  # DERIVED_KEYS, for `targets`
         return data
+
+
+DERIVED_KEYS = ("budget_gb", "peak_tflops", "origin")  # in describe(), not fields a profile file may set
+
+
+def from_description(described: dict[str, Any], origin: str) -> TargetProfile:
+    """The inverse of `describe()`: the copy of a profile in an artifact's report.json, checked like a file
+    (its verification bounds were left out, so they are the defaults; a null is a field TOML left unset)."""
+    return parse_profile({key: value for key, value in described.items()
+                          if key not in DERIVED_KEYS and value is not None}, origin)
 
 
 REQUIRED_KEYS = tuple(f.name for f in dataclasses.fields(TargetProfile) if f.default is dataclasses.MISSING

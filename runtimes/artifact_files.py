@@ -75,20 +75,24 @@ def artifact_providers(folder: Path, providers: list[str] | None = None) -> tupl
     """The onnxruntime providers (with their options) to run an artifact with, and warnings.
 
     Asked-for `providers` win. Otherwise the providers of the target the artifact was built for
-    (report.json), those this onnxruntime has, in order, with the target's provider options; when
-    none of them is here, the CPU provider and a one-line warning."""
-    import onnxruntime as ort
+    (report.json's copy of the profile), those this onnxruntime has, in order, with the target's
+    provider options; when its first choice is not here, the next one present (else CPU) and a
+    one-line warning."""
+    from edgecompress import profiles
+    from edgecompress.errors import EdgeCompressError
 
     if providers:
         return list(providers), []
-    target = read_json(folder, REPORT_FILE, required=False).get("target") or {}
-    wanted = target.get("execution_provider") or ["CPUExecutionProvider"]
-    options = target.get("provider_options") or {}
-    available = set(ort.get_available_providers())
-    present = [(name, dict(options.get(name, {}))) for name in wanted if name in available]
-    if present and present[0][0] == wanted[0]:
+    described = read_json(folder, REPORT_FILE, required=False).get("target")
+    if not described:  # an artifact from before targets were recorded: the CPU
+        return [("CPUExecutionProvider", {})], []
+    try:
+        target = profiles.from_description(described, f"'{folder / REPORT_FILE}' target")
+    except EdgeCompressError as exc:
+        raise ArtifactRuntimeError(first_line(exc)) from None
+    present = target.session_providers()
+    if present[0][0] == target.execution_provider[0]:
         return present, []
-    fallback = present or [("CPUExecutionProvider", {})]
-    missing = [name for name in wanted if name not in available]
-    return fallback, [f"the artifact's target {target.get('name', '?')} runs on {', '.join(missing)}, which this "
-                      f"onnxruntime lacks; running on {fallback[0][0]}"]
+    missing = [name for name in target.execution_provider if name not in target.providers]
+    return present, [f"the artifact's target {target.name} runs on {', '.join(missing)}, which this "
+                     f"onnxruntime lacks; running on {present[0][0]}"]

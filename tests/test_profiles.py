@@ -50,6 +50,16 @@ def test_user_profile_file(tmp_path):
     ("memory_gb = \"lots\"\n", "'memory_gb' must be a positive number"),
     ("fuse = \"always\"\n", "'fuse' must be true, false or \"low-bit\""),
     ("weight_formats = []\n", "'weight_formats' must be a string or a non-empty list"),
+    # the GPU fields
+    ('[provider_options.CUDAExecutionProvider]\nenable_cuda_graph = 1\n',
+     "'provider_options.CUDAExecutionProvider.enable_cuda_graph' must be a string"),
+    ("[fp16]\nabsmax_block = 70000\n", r"'fp16.absmax_block' must be a number in \(0, 65504\]"),
+    ("[fp16]\nkeep_outputs = []\n", "unknown key 'fp16.keep_outputs'"),
+    ('[fp16]\nkeep_io = ["logit"]\n', "'fp16.keep_io' must be a list of float graph I/O names .*not 'logit'"),
+    ("[verify.float16]\nmax_kl = 0.1\n", "unknown key 'verify.float16.max_kl'"),
+    ("shared_memory = 1\n", "'shared_memory' must be true or false"),
+    ("bw_efficiency = 1.5\n", r"'bw_efficiency' must be a fraction in \(0, 1\]"),
+    ("max_context = 0\n", "'max_context' must be a positive integer"),
 ])
 def test_a_malformed_profile_names_the_key_and_the_file(tmp_path, extra, message):
     path = tmp_path / "bad.toml"
@@ -114,23 +124,10 @@ def test_session_providers_pair_options_with_the_providers_present(tmp_path):
     assert profile.session_providers() == expected
 
 
-@pytest.mark.parametrize("extra, message", [
-    ('[provider_options.CUDAExecutionProvider]\nenable_cuda_graph = 1\n',
-     "'provider_options.CUDAExecutionProvider.enable_cuda_graph' must be a string"),
-    ("[fp16]\nabsmax_block = 70000\n", r"'fp16.absmax_block' must be a number in \(0, 65504\]"),
-    ("[fp16]\nkeep_outputs = []\n", "unknown key 'fp16.keep_outputs'"),
-    ('[fp16]\nkeep_io = ["logit"]\n', "'fp16.keep_io' must be a list of float graph I/O names .*not 'logit'"),
-    ("[verify.float16]\nmax_kl = 0.1\n", "unknown key 'verify.float16.max_kl'"),
-    ("shared_memory = 1\n", "'shared_memory' must be true or false"),
-    ("bw_efficiency = 1.5\n", r"'bw_efficiency' must be a fraction in \(0, 1\]"),
-    ("max_context = 0\n", "'max_context' must be a positive integer"),
-])
-def test_a_malformed_gpu_field_names_the_field_and_the_file(tmp_path, extra, message):
-    path = tmp_path / "bad.toml"
-    path.write_text(MINIMAL + extra)
-    with pytest.raises(EdgeCompressError, match=message) as error:
-        profiles.load_profile(str(path))
-    assert str(path.resolve()) in str(error.value)
+def test_a_reports_copy_of_a_profile_reads_back_as_the_profile():
+    for profile in profiles.all_profiles():
+        copy = profiles.from_description(profile.describe(), "report")
+        assert copy.describe() == {**profile.describe(), "origin": "report"}
 
 
 def test_fp16_bounds_and_policy_are_read(tmp_path):

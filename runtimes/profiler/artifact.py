@@ -101,9 +101,8 @@ def build_target(report: dict) -> profiles.TargetProfile:
         return profiles.load_profile(name)
     except EdgeCompressError:
         pass
-    known = {key: value for key, value in described.items() if key != "origin"}
     try:
-        return profiles.parse_profile(known, f"report.json's target '{name}'")
+        return profiles.from_description(described, f"report.json's target '{name}'")
     except (EdgeCompressError, TypeError):
         raise ArtifactRuntimeError(
             f"the artifact was built for target '{name}', which is not a known profile here; pass --target"

@@ -27,7 +27,7 @@ def assemble(item, shapes: list[Shape], settings, device: dict, schedule: list[d
         row, row_warnings = test_row(shape, requests)
         row["memory"] = memory_row(requests, samplers, host.source if host else None)
         measured = (row["ttft_ms"] and row["ttft_ms"]["mean"], row["itl_ms"] and row["itl_ms"]["mean"])
-        row["roofline"] = roofline.test_estimates(shape, cost, bw, peak, item.target,
+        row["roofline"] = roofline.shape_estimates(shape, cost, bw, peak, item.target,
                                                   measured if on_target else (None, None))
         tests.append(row)
         warnings += row_warnings

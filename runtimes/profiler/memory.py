@@ -214,18 +214,16 @@ class TegrastatsSampler(Sampler):
 
 def nvmap_process_mb() -> float | None:
     """This process's NvMap allocations (Jetson; the debugfs file needs root), else None."""
-    for path in (Path("/sys/kernel/debug/nvmap/iovmm/clients"),):
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            continue
-        total = 0.0
-        for line in lines:
-            parts = line.split()
-            if len(parts) >= 4 and parts[2] == str(os.getpid()):
-                total += _size_mb(parts[3])
-        return total
-    return None
+    try:
+        lines = Path("/sys/kernel/debug/nvmap/iovmm/clients").read_text().splitlines()
+    except OSError:
+        return None
+    total = 0.0
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == str(os.getpid()):
+            total += _size_mb(parts[3])
+    return total
 
 
 def _size_mb(text: str) -> float:

@@ -36,5 +36,5 @@ def predict(artifact, target: str, tests: list[Shape] | ProfileSettings) -> dict
         "bw_efficiency": profile.bw_efficiency,
         "compute_efficiency": profile.compute_efficiency,
         "weight_bytes": cost.weight_bytes,
-        "tests": [{"test": shape.key, **roofline.test_estimates(shape, cost, bw, peak, profile)} for shape in shapes],
+        "tests": [{"test": shape.key, **roofline.shape_estimates(shape, cost, bw, peak, profile)} for shape in shapes],
     }

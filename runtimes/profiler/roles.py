@@ -44,17 +44,27 @@ def _weight_names(node: Node, graph: Graph) -> list[str]:
 def node_role(node: Node, graph: Graph) -> str:
     if node.domain not in BUILTIN_DOMAINS:
         return "custom_op"
-    if node.op_type.startswith("Memcpy"):
-        return "memcpy"
-    if node.low_rank:
+    if node.low_rank and not node.op_type.startswith("Memcpy"):
         return "low_rank"
-    if node.op_type in ATTENTION_OPS:
+    return _op_role(node.op_type) or _name_role((node.scope, node.name, *_weight_names(node, graph)))
+
+
+def _op_role(op_type: str) -> str | None:
+    """Roles the op type alone decides."""
+    if op_type.startswith("Memcpy"):
+        return "memcpy"
+    if op_type in ATTENTION_OPS:
         return "attn_core"
-    if NORM_OPS.search(node.op_type):
+    if NORM_OPS.search(op_type):
         return "norm"
-    if node.op_type == "RotaryEmbedding":
+    if op_type == "RotaryEmbedding":
         return "rope"
-    for text in (node.scope, node.name, *_weight_names(node, graph)):
+    return None
+
+
+def _name_role(texts) -> str:
+    """The first NAME_PATTERNS role found in the texts (scope, node name, weight names), else other."""
+    for text in texts:
         for role, pattern in NAME_PATTERNS:
             if text and pattern.search(text):
                 return role
@@ -71,16 +81,7 @@ def node_layer(node: Node) -> int | None:
 
 def role_of_op(op_type: str, name: str) -> str:
     """For trace events with no graph node (onnxruntime inserts some, e.g. `Gather_token_38`)."""
-    if op_type.startswith("Memcpy"):
-        return "memcpy"
-    if op_type in ATTENTION_OPS:
-        return "attn_core"
-    if NORM_OPS.search(op_type):
-        return "norm"
-    for role, pattern in NAME_PATTERNS:
-        if pattern.search(name):
-            return role
-    return "other"
+    return _op_role(op_type) or _name_role((name,))
 
 
 class NodeIndex:

@@ -142,7 +142,7 @@ def peak_for(target, dtype: str) -> tuple[float | None, str]:
     return target.peak_tflops, target.dtype
 
 
-def test_estimates(shape, cost: GraphCost, bw, peak, target, measured=(None, None)) -> dict:
+def shape_estimates(shape, cost: GraphCost, bw, peak, target, measured=(None, None)) -> dict:
     """A test's prefill (its prompt after its depth) and decode (at the mean past over its steps)
     estimates, each next to the measured TTFT / mean ITL when given."""
     out = {}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import onnxruntime as ort
+import pytest
 
-from edgecompress import contract
+from edgecompress import contract, profiles
 from edgecompress.runtimes.artifact_files import artifact_providers
+from edgecompress.runtimes.errors import ArtifactRuntimeError
 
 
 def _folder(tmp_path, target):
@@ -16,20 +18,25 @@ def _folder(tmp_path, target):
 
 
 def test_a_cpu_artifact_runs_on_cpu_without_a_warning(tmp_path):
-    folder = _folder(tmp_path, {"name": "cpu-x86", "execution_provider": ["CPUExecutionProvider"]})
+    folder = _folder(tmp_path, profiles.load_profile("cpu-x86").describe())
     assert artifact_providers(folder) == ([("CPUExecutionProvider", {})], [])
 
 
 def test_a_gpu_artifact_falls_back_to_cpu_with_one_warning(tmp_path):
-    target = {"name": "jetson-orin-nano", "execution_provider": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-              "provider_options": {"CUDAExecutionProvider": {"enable_skip_layer_norm_strict_mode": "1"}}}
-    providers, warnings = artifact_providers(_folder(tmp_path, target))
+    nano = profiles.load_profile("jetson-orin-nano")
+    providers, warnings = artifact_providers(_folder(tmp_path, nano.describe()))
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert providers[0] == ("CUDAExecutionProvider", {"enable_skip_layer_norm_strict_mode": "1"}) and not warnings
+        assert providers[0] == ("CUDAExecutionProvider", nano.provider_options["CUDAExecutionProvider"]) and not warnings
     else:
         assert providers == [("CPUExecutionProvider", {})]
         assert warnings == ["the artifact's target jetson-orin-nano runs on CUDAExecutionProvider, which this "
                             "onnxruntime lacks; running on CPUExecutionProvider"]
+
+
+def test_a_malformed_report_target_is_one_line(tmp_path):
+    broken = {**profiles.load_profile("cpu-x86").describe(), "threads": "two"}
+    with pytest.raises(ArtifactRuntimeError, match="'threads' must be a positive integer"):
+        artifact_providers(_folder(tmp_path, broken))
 
 
 def test_asked_providers_win_and_an_old_report_means_cpu(tmp_path):
