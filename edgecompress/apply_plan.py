@@ -1,7 +1,8 @@
 """Apply a CompressionPlan to a Hugging Face torch model in place.
 
 The result is the PyTorch reference the compressed ONNX export must match: replaced Linears become
-two thin Linears (x @ Aᵀ, then @ Bᵀ + bias), removed decoder layers are deleted and the remaining
+two thin Linears (x @ Aᵀ, then @ Bᵀ + bias), or the MonarchLinear / BlastLinear modules computing what the
+export's MonarchMatMul / BlastMatMul nodes compute (so verification compares like with like), removed decoder layers are deleted and the remaining
 ones renumbered so the KV cache keeps one slot per remaining layer.
 """
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from edgecompress.attribution.layer_walker import decoder_layers
 from edgecompress.attribution.low_rank import install_low_rank
+from edgecompress.attribution.structured import install_structured
 from edgecompress.errors import EdgeCompressError
 from edgecompress.plan import CompressionPlan, model_weights_hash
 
@@ -62,10 +64,12 @@ def apply_plan(model, plan: CompressionPlan, check_hash: bool = True):
     _check_shapes(model, plan)
     plan.validate()
     for linear in plan.low_rank_linears():
-        a = plan.factors[f"{linear.module}.A"]
-        b = plan.factors[f"{linear.module}.B"]
+        factors = {part: plan.factors[f"{linear.module}.{part}"] for part in linear.factor_names}
         bias = plan.factors.get(f"{linear.module}.bias") if linear.has_bias else None
-        install_low_rank(model, linear.module, a, b, bias)
+        if linear.structure == "lowrank":
+            install_low_rank(model, linear.module, factors["A"], factors["B"], bias)
+        else:
+            install_structured(model, linear.module, linear.structure, factors, bias)
     if plan.removed_layers:
         remove_layers(model, plan.removed_layers)
     return model

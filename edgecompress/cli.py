@@ -169,6 +169,14 @@ def build(
         "windows from the start); also seeds self-generated text (default 0).", show_default=False,
     ),
     rho: float = typer.Option(options.DEFAULT_RHO, help="Fraction of each replaced matrix's parameters removed."),
+    structure: str = typer.Option(
+        options.DEFAULT_STRUCTURE, "--structure", help="What replaced Linears become, at the parameter count of "
+        f"their low-rank factors: {', '.join(options.STRUCTURES)} (Monarch / BLAST: the ai.edgecompress ops).",
+    ),
+    blocks: Optional[int] = typer.Option(
+        None, "--blocks", help=f"Blocks of a monarch or blast structure (default {options.DEFAULT_BLOCKS}); must "
+        "divide every Linear's dimensions.", show_default=False,
+    ),
     device: str = typer.Option("cpu", help="PyTorch device for attribution (cpu, cuda)."),
     eval_limit: Optional[int] = typer.Option(
         None, help=f"Windows of {options.EVAL_SEQ_LEN} tokens for the perplexity in the report; default "
@@ -212,8 +220,8 @@ def build(
         report = api.build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
             method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
-            calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, eval_limit=eval_limit,
-            eval_data=eval_data, weights=weights, block_size=block_size, fuse=fuse, max_memory_gb=max_memory,
+            calib_seq_len=calib_seq_len, seed=seed, rho=rho, structure=structure, blocks=blocks, device=device,
+            eval_limit=eval_limit, eval_data=eval_data, weights=weights, block_size=block_size, fuse=fuse, max_memory_gb=max_memory,
             context=context, progress=stages,
         )
     if quiet:

@@ -15,6 +15,13 @@ Methods (registered in edgecompress.options.METHODS; layer choice / action / bas
 - svd:            all layers, replace, SVD of W,      largest σ, one rho for all matrices
 - svd-llm:        all layers, replace, whitened W L,  largest whitened σ, one rho for all matrices
 
+Structures (structure="lowrank" by default; "monarch" / "blast" with `blocks` blocks, for methods that keep
+the largest singular values): each replaced Linear gets the parameters its low-rank rank would give it
+(plan.structured_rank) and the projection of its weight onto the structure (attribution/structured.py): for
+whitened methods Monarch in each input block's whitened space and BLAST on the full calibration Gram, in plain
+Frobenius norm otherwise; grasp-wr / grasp-wre refit those factors as they refit low-rank ones. The layers
+are chosen by BI as for low-rank.
+
 Options: schedule="joint" (the default) scores all chosen layers' σ in one gradient pass instead of
 GRASP's 2 passes per layer (about 2|R| times cheaper; on SmolLM2-135M at 9.5 % it gave ppl 55.2, the
 reference point, against 60.0 for the official code's sequential order, kept as schedule="sequential");
@@ -44,12 +51,23 @@ from edgecompress.attribution.layer_walker import (
     set_submodule,
 )
 from edgecompress.attribution.low_rank import install_low_rank
+from edgecompress.attribution.structured import FACTOR_NAMES, install_structured, project_blast, project_monarch
 from edgecompress.attribution.singular_basis import SingularBasis, score_summary, top_indices
 from edgecompress.attribution.svd import largest_sigma, weight_basis
 from edgecompress.attribution.svd_llm import input_grams, whitened_basis
 from edgecompress.calibrate import CalibrationSet
 from edgecompress.errors import EdgeCompressError
-from edgecompress.options import DEFAULT_METHOD, DEFAULT_RHO, MethodSpec, check_method, check_ratio, check_rho, check_score_metric
+from edgecompress.options import (
+    DEFAULT_METHOD,
+    DEFAULT_RHO,
+    DEFAULT_STRUCTURE,
+    MethodSpec,
+    check_method,
+    check_ratio,
+    check_rho,
+    check_score_metric,
+    check_structure,
+)
 from edgecompress.plan import (
     CompressionPlan,
     LayerPlan,
@@ -58,6 +76,8 @@ from edgecompress.plan import (
     low_rank_rank,
     low_rank_saving,
     model_weights_hash,
+    structured_params,
+    structured_rank,
     uniform_rho_for_ratio,
 )
 
@@ -78,11 +98,18 @@ def _report(progress, stage: str, done: int, total: int) -> None:
         progress(stage, done, total)
 
 
-def _layer_saving(layer, spec: MethodSpec, rho: float) -> int:
+def _linear_params(linear, rho: float, structure: str, blocks: int | None) -> tuple[int, int]:
+    """(rank, factor parameters) of one replaced Linear: the low-rank rank for rho, or the structure's."""
+    m, n = linear.out_features, linear.in_features
+    rank = structured_rank(structure, m, n, low_rank_rank(m, n, rho), blocks)
+    return rank, structured_params(structure, m, n, rank, blocks)
+
+
+def _layer_saving(layer, spec: MethodSpec, rho: float, options) -> int:
     if spec.action == "remove":
         return sum(p.numel() for p in layer.parameters())
     return sum(
-        low_rank_saving(lin.out_features, lin.in_features, low_rank_rank(lin.out_features, lin.in_features, rho))
+        lin.out_features * lin.in_features - _linear_params(lin, rho, options["structure"], options["blocks"])[1]
         for lin in layer_linears(layer).values()
     )
 
@@ -91,7 +118,7 @@ def _choose_layers(model, scores: LayerScores, spec, ratio, rho, dense_total, op
     """Which decoder layers to replace or remove, from BI (independent) or angular (contiguous)."""
     layers = decoder_layers(model)
     exclude = (len(layers) - 1,) if options["protect_last_layer"] else ()
-    savings = [_layer_saving(layer, spec, rho) for layer in layers]
+    savings = [_layer_saving(layer, spec, rho, options) for layer in layers]
     # A model needs at least one decoder layer left: removal may take all but one.
     most = len(layers) - len(exclude) - (1 if spec.action == "remove" else 0)
     n_layers = options["n_layers"]
@@ -138,9 +165,53 @@ class _PlanBuilder:
         self.factors[f"{record.module}.B"] = b.cpu().numpy()
         if basis.bias is not None:
             self.factors[f"{record.module}.bias"] = basis.bias.float().cpu().numpy()
+        record.params = a.numel() + b.numel()
         self.linears.setdefault(index, []).append(record)
         self.saved += low_rank_saving(record.out_features, record.in_features, record.rank)
         return a, b
+
+    def add_structured(self, index, name, linear, structure: str, blocks: int, rho: float, gram, jitter: float):
+        """Project `linear` onto Monarch/BLAST with the parameters of its low-rank rank (activation-aware when
+        `gram` is given); records it and returns its factors by name and its bias."""
+        rank, params = _linear_params(linear, rho, structure, blocks)
+        weight = linear.weight.detach().double().t()  # [in, out]: the reference layout
+        if structure == "monarch":
+            arrays = project_monarch(weight, blocks, rank, gram, jitter)
+        else:
+            arrays = project_blast(weight, blocks, rank, gram, jitter)
+        factors = dict(zip(FACTOR_NAMES[structure], arrays))
+        record = LinearPlan(
+            name=name, module=f"{self.prefix}.{index}.{name}", in_features=linear.in_features,
+            out_features=linear.out_features, rank=rank, kept_indices=[], has_bias=linear.bias is not None,
+            basis="whitened" if gram is not None else "weight", scores=_projection_errors(weight, structure, factors, gram),
+            structure=structure, blocks=blocks, params=params,
+        )
+        for part, array in factors.items():
+            self.factors[f"{record.module}.{part}"] = array.cpu().numpy()
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        if bias is not None:
+            self.factors[f"{record.module}.bias"] = bias.numpy()
+        self.linears.setdefault(index, []).append(record)
+        self.saved += linear.out_features * linear.in_features - params
+        return factors, bias
+
+
+def _projection_errors(weight, structure: str, factors: dict, gram) -> dict:
+    """Relative error of the projection in Frobenius norm, and on the calibration inputs when whitened."""
+    from edgecompress.kernels.reference import dense_weight
+
+    op = {"monarch": "MonarchMatMul", "blast": "BlastMatMul"}[structure]
+    approx = torch.as_tensor(dense_weight(op, *(f.cpu().numpy() for f in factors.values())), dtype=torch.float64)
+    delta = approx - weight.cpu()
+    projection = {"monarch": "blockwise SVD", "blast": "ALS"}[structure]
+    if gram is not None:
+        projection += " (block-whitened)" if structure == "monarch" else " (full Gram)"
+    summary = {"metric": "relative_error", "projection": projection, "frobenius": float(delta.norm() / weight.norm())}
+    if gram is not None:
+        gram = gram.cpu().double()
+        summary["calibration_output"] = float(torch.sqrt(torch.trace(delta.t() @ gram @ delta)
+                                                         / torch.trace(weight.t().cpu() @ gram @ weight.cpu())))
+    return summary
 
 
 def _basis_for(linear, kind: str, grams: dict | None, name: str, jitter: float) -> SingularBasis:
@@ -174,12 +245,19 @@ def _largest_sigma_layers(model, walker, chosen, spec, rho, builder, options, pr
                 linears = layer_linears(layers[index], names)
                 grams = input_grams(walker, index, linears, hidden) if spec.basis == "whitened" else None
                 for name, linear in linears.items():
+                    key = f"{builder.prefix}.{index}.{name}"
+                    if options["structure"] != "lowrank":
+                        gram = grams[name] if grams is not None else None
+                        factors, bias = builder.add_structured(index, name, linear, options["structure"],
+                                                               options["blocks"], rho, gram, options["jitter"])
+                        if error_aware:
+                            installed[key] = install_structured(model, key, options["structure"], factors, bias)
+                        continue
                     basis = _basis_for(linear, spec.basis, grams, name, options["jitter"])
                     kept = largest_sigma(basis, low_rank_rank(linear.out_features, linear.in_features, rho))
                     summary = score_summary(basis.sigma.double() ** 2, kept, "sigma^2")
                     a, b = builder.add(index, name, linear, basis, kept, summary)
                     if error_aware:
-                        key = f"{builder.prefix}.{index}.{name}"
                         installed[key] = install_low_rank(model, key, a, b, basis.bias)
             _report(progress, f"layer {index}", step + 1, len(chosen))
     finally:
@@ -261,10 +339,13 @@ def _refit(model, walker, chosen, builder, scope, options, progress) -> dict:
             for record in builder.linears[index]:
                 key = record.module
                 bias = builder.factors.get(f"{key}.bias")
-                installed[key] = install_low_rank(
-                    model, key, builder.factors[f"{key}.A"], builder.factors[f"{key}.B"],
-                    None if bias is None else torch.as_tensor(bias),
-                )
+                bias = None if bias is None else torch.as_tensor(bias)
+                if record.structure == "lowrank":
+                    installed[key] = install_low_rank(
+                        model, key, builder.factors[f"{key}.A"], builder.factors[f"{key}.B"], bias)
+                else:
+                    factors = {part: builder.factors[f"{key}.{part}"] for part in record.factor_names}
+                    installed[key] = install_structured(model, key, record.structure, factors, bias)
         steps, lr = options["refit_steps"], options["refit_lr"]
         if scope == "layer":
             report = refit_layers(walker, chosen, targets, steps, lr, progress=report_progress)
@@ -273,8 +354,10 @@ def _refit(model, walker, chosen, builder, scope, options, progress) -> dict:
             report = refit_end_to_end(walker, chosen, start_inputs, targets, steps, lr, progress=report_progress)
         for key in installed:
             module = model.get_submodule(key)
-            builder.factors[f"{key}.A"] = module.a.weight.detach().cpu().numpy().copy()
-            builder.factors[f"{key}.B"] = module.b.weight.detach().cpu().numpy().copy()
+            trained = module.plan_factors() if hasattr(module, "plan_factors") else {"A": module.a.weight,
+                                                                                     "B": module.b.weight}
+            for part, tensor in trained.items():
+                builder.factors[f"{key}.{part}"] = tensor.detach().float().cpu().numpy().copy()
     finally:
         for key, original in installed.items():
             set_submodule(model, key, original)
@@ -317,19 +400,24 @@ def make_plan(
     whitening: str = "original",
     refit_steps: int | None = None,  # default: 128 (grasp-wr, per layer), 64 (grasp-wre, in all)
     refit_lr: float | None = None,  # default: 1e-3 (grasp-wr), 5e-4 (grasp-wre)
+    structure: str = DEFAULT_STRUCTURE,  # lowrank | monarch | blast
+    blocks: int | None = None,  # Monarch/BLAST blocks (default options.DEFAULT_BLOCKS)
 ) -> CompressionPlan:
     """Decide the compression of `model` on `calib` and return the plan (the model is unchanged).
 
     ratio: target fraction of ALL parameters removed (embeddings included); with `n_layers` given,
     the layer count is fixed instead and ratio may be None. rho: fraction of each replaced matrix's
     parameters removed (k = floor(mn(1-rho)/(m+n))); methods over all layers solve their own rho.
+    structure / blocks: what replaced Linears become (Monarch / BLAST at the same parameter count).
     progress(stage, done, total) is called as work advances.
     """
     spec = check_method(method)
     if n_layers is None or spec.layers == "all":
         ratio = check_ratio(ratio)
     rho = check_rho(rho)
-    options = _checked_options(spec, n_layers=n_layers, layer_selection=layer_selection, schedule=schedule,
+    blocks = check_structure(structure, blocks, method)
+    _check_blocks_divide(model, structure, blocks)
+    options = _checked_options(spec, structure=structure, blocks=blocks, n_layers=n_layers, layer_selection=layer_selection, schedule=schedule,
                                score_metric=score_metric, rounding=rounding, protect_last_layer=protect_last_layer,
                                batch_size=batch_size, jitter=jitter, whitening=whitening, refit_steps=refit_steps,
                                refit_lr=refit_lr)
@@ -351,6 +439,19 @@ def make_plan(
     # Wall time is reported by the caller, not stored in plan.json (same inputs, same bytes).
     plan.elapsed_seconds = time.perf_counter() - started
     return plan
+
+
+def _check_blocks_divide(model, structure: str, blocks: int | None) -> None:
+    """Every Linear a structured plan may replace must split into `blocks` x `blocks` equal blocks."""
+    if structure == "lowrank":
+        return
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, linear in layer_linears(layer).items():
+            if linear.in_features % blocks or linear.out_features % blocks:
+                raise EdgeCompressError(
+                    f"--blocks {blocks} does not divide layer {index}'s {name} "
+                    f"({linear.out_features} x {linear.in_features}); pick a common divisor of the model's widths"
+                )
 
 
 def _checked_options(spec: MethodSpec, refit_steps, refit_lr, **options) -> dict:

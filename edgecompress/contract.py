@@ -23,6 +23,10 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PLAN_DIR = "plan"  # a compressed build's plan, reusable with `build --plan OUT/plan`
 PLAN_FILE = "plan.json"
 FACTORS_FILE = "factors.safetensors"
+# Present when the graph uses ai.edgecompress ops: the op library (genai_config's custom_ops_library
+# names it) and its manifest (the kernels it ships: SMs, ptxas, hashes).
+CUSTOM_OPS_LIBRARY_FILE = "libedgecompress_ops.so"
+CUSTOM_OPS_MANIFEST_FILE = "edgecompress_ops.json"
 
 # --- graph inputs and outputs -----------------------------------------------------------------
 INPUT_IDS = "input_ids"

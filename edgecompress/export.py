@@ -249,3 +249,20 @@ def write_sidecar_files(out_dir: Path, loaded: Any, num_layers: int | None = Non
     if not (out_dir / contract.TOKENIZER_FILE).exists():
         raise EdgeCompressError(f"the tokenizer has no fast ({contract.TOKENIZER_FILE}) form; the artifact needs one")
     return sorted(p.name for p in out_dir.iterdir())
+
+
+def set_genai_custom_ops_library(out_dir: Path, library: str | None) -> None:
+    """Name our custom-op library in genai_config.json's decoder session options (None: no entry).
+
+    onnxruntime-genai 0.18 reads `model.decoder.session_options.custom_ops_library`; a relative path is
+    taken from the config's folder (tested: tests/test_build_custom_ops.py), so the folder can move."""
+    path = out_dir / contract.GENAI_CONFIG_FILE
+    genai = json.loads(path.read_text())
+    options = genai["model"]["decoder"]["session_options"]
+    if library is None and "custom_ops_library" not in options:
+        return
+    if library is None:
+        options.pop("custom_ops_library")
+    else:
+        options["custom_ops_library"] = library
+    path.write_text(json.dumps(genai, indent=2) + "\n")

@@ -1,10 +1,13 @@
 """The graph stages of a build: which passes run, in which order, on one in-memory onnx-ir model.
 
-- `plan_passes(plan)`: the compression plan's layer replacement (low-rank splits, then layer
-  removal), on the fp32 export, before verification against PyTorch with the same plan applied;
-- `optimize_passes(formats, gguf)`: weight formats (exact GGUF blocks where they map, then
-  round-to-nearest MatMulNBits for every other MatMul), then onnxruntime fusions; after that
-  verification, and checked against the verified fp32 export.
+- `plan_passes(plan, custom_ops)`: the compression plan's layer replacement (low-rank splits, then layer
+  removal), on the fp32 export, before verification against PyTorch with the same plan applied; our
+  `ai.edgecompress` ops that the target does not enable are lowered to standard ONNX right after;
+- `optimize_passes(formats, gguf, fuse_low_rank)`: weight formats (exact GGUF blocks where they map, then
+  round-to-nearest MatMulNBits for every other MatMul), the low-rank MatMul pairs fused into
+  LowRankMatMul where the target enables it (after the weight formats: quantized factors stay
+  MatMulNBits, skipped with that reason), then onnxruntime fusions; after that verification, and
+  checked against the verified fp32 export.
 
 `run_stage` runs one list with onnx-ir's pass infrastructure (each pass's requires/ensures) and
 returns the report section: each pass's statistics by role, and, for a fusion stage, the expected
@@ -24,7 +27,9 @@ import onnx_ir as ir
 from edgecompress.options import LOW_BIT_FORMATS, WeightFormats
 from edgecompress.passes import (
     FuseGroupQueryAttentionPass,
+    FuseLowRankPass,
     FuseOrtOpsPass,
+    LowerCustomOpsPass,
     MapGgufWeightsPass,
     QuantizeWeightsPass,
     ReplaceLayersPass,
@@ -33,7 +38,7 @@ from edgecompress.passes import (
 from edgecompress.passes.fuse_ort_ops import missing_fusions, op_type_counts
 
 # Roles group a stage's passes in the report; the plan stage's single pass is reported at the top.
-WEIGHTS, FUSION = "weights", "fusion"
+WEIGHTS, FUSION, CUSTOM_OPS = "weights", "fusion", "custom_ops"
 
 
 @dataclasses.dataclass
@@ -53,19 +58,33 @@ class StagePasses(ir.passes.Sequential):
         return StageResult(model, modified=any(result.modified for result in results), results=results)
 
 
-def plan_passes(plan) -> list[tuple[str | None, ir.passes.PassBase]]:
-    """Apply a CompressionPlan: SplitLowRankPass then RemoveLayersPass, composed."""
-    return [(None, ReplaceLayersPass.from_plan(plan))]
+def plan_passes(plan, custom_ops: tuple[str, ...] = ()) -> list[tuple[str | None, ir.passes.PassBase]]:
+    """Apply a CompressionPlan: SplitLowRankPass then RemoveLayersPass, composed; then lower the custom
+    ops the target does not enable (`custom_ops`: the ones it does)."""
+    from edgecompress.custom_ops import not_enabled
+
+    return [(None, ReplaceLayersPass.from_plan(plan)), (None, LowerCustomOpsPass(not_enabled(custom_ops)))]
 
 
-def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None) -> list[tuple[str, ir.passes.PassBase]]:
-    """Weight formats first (GGUF blocks kept exactly where they map), then onnxruntime fusions."""
+def fuses_low_rank(custom_ops: tuple[str, ...], plan) -> bool:
+    """Whether the optimize stage fuses low-rank pairs: the target runs LowRankMatMul and the plan splits."""
+    from edgecompress.custom_ops import LOW_RANK_OP
+
+    return LOW_RANK_OP in custom_ops and plan is not None and bool(plan.low_rank_linears())
+
+
+def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None,
+                    fuse_low_rank: bool = False) -> list[tuple[str, ir.passes.PassBase]]:
+    """Weight formats first (GGUF blocks kept exactly where they map), the low-rank pairs fused where
+    `fuse_low_rank`, then onnxruntime fusions."""
     passes: list[tuple[str, ir.passes.PassBase]] = []
     if formats.weights in LOW_BIT_FORMATS:
         if gguf_blocks:
             passes.append((WEIGHTS, MapGgufWeightsPass(gguf_blocks, accuracy_level=formats.accuracy_level)))
         bits = 4 if formats.weights == "int4" else 8
         passes.append((WEIGHTS, QuantizeWeightsPass(bits, formats.block_size, accuracy_level=formats.accuracy_level)))
+    if fuse_low_rank:
+        passes.append((CUSTOM_OPS, FuseLowRankPass()))
     if formats.fuse:
         passes += [(FUSION, FuseOrtOpsPass()), (FUSION, FuseGroupQueryAttentionPass())]
     return passes

@@ -47,6 +47,11 @@ METHODS = {
 }
 DEFAULT_METHOD = "grasp"
 DEFAULT_RHO = 0.9  # fraction of each replaced matrix's parameters removed
+# What a replaced Linear becomes: low-rank factors, or Monarch / BLAST with as many parameters (the
+# ai.edgecompress ops). Four blocks divide every Linear of the Llama-family models we build (576, 192, 1536).
+STRUCTURES = ("lowrank", "monarch", "blast")
+DEFAULT_STRUCTURE = "lowrank"
+DEFAULT_BLOCKS = 4
 DEFAULT_CALIB_SEQUENCES = 16
 DEFAULT_CALIB_SEQ_LEN = 512
 SELF = "self"  # --calibration self[:N]: text the model generates itself
@@ -102,6 +107,28 @@ def is_self_spec(spec: str | os.PathLike | None) -> bool:
     return isinstance(spec, str) and (spec == SELF or spec.startswith(SELF + ":"))
 
 
+def check_structure(structure: str, blocks: int | None, method: str | None = None) -> int | None:
+    """The block count a structure uses (DEFAULT_BLOCKS when not given; None for low-rank), refusing what
+    cannot be built: an unknown structure, blocks with low-rank, fewer than 2 blocks, or a structure with a
+    method whose factors are not projections of the weight (removal; gradient-scored singular groups)."""
+    if structure not in STRUCTURES:
+        raise EdgeCompressError(f"unknown structure '{structure}'; use one of {', '.join(STRUCTURES)}")
+    if structure == "lowrank":
+        if blocks is not None:
+            raise EdgeCompressError("--blocks applies to --structure monarch or blast, not lowrank")
+        return None
+    if isinstance(blocks, bool) or (blocks is not None and (not isinstance(blocks, int) or blocks < 2)):
+        raise EdgeCompressError(f"--blocks must be a whole number of at least 2, got {blocks!r}")
+    spec = METHODS.get(method) if method is not None else None
+    if spec is not None and (spec.action != "replace" or spec.selection != "largest"):
+        raise EdgeCompressError(
+            f"--structure {structure} needs a method that projects each weight (grasp-w, grasp-wr, grasp-wre, "
+            f"grasp-topsigma, svd, svd-llm); {method} "
+            + ("removes layers" if spec.action != "replace" else "scores singular groups, which it does not have")
+        )
+    return DEFAULT_BLOCKS if blocks is None else blocks
+
+
 def check_score_metric(metric: str) -> str:
     if metric not in SCORE_METRICS:
         raise EdgeCompressError(f"unknown score metric {metric!r}; use one of {', '.join(SCORE_METRICS)}")
@@ -134,12 +161,15 @@ class CompressOptions:
     device: str = "cpu"
     # "nearest": the layer count closest to the ratio; "at_least": never short of it (a memory budget's ratio)
     rounding: str = "nearest"
+    structure: str = DEFAULT_STRUCTURE  # lowrank | monarch | blast
+    blocks: int | None = None  # Monarch/BLAST blocks; None: DEFAULT_BLOCKS (structured), none (lowrank)
 
     def validate(self) -> None:
         """Everything that can be refused before the model is loaded (a saved plan is read by the pipeline)."""
         if self.plan is not None:
             return
         check_method(self.method)
+        check_structure(self.structure, self.blocks, self.method)
         if self.ratio is None:
             raise EdgeCompressError("compression needs --ratio (fraction of all parameters to remove) or --plan")
         check_ratio(self.ratio)

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from edgecompress import __version__, artifact, contract, models, profiles
+from edgecompress import __version__, artifact, contract, custom_ops, models, profiles
 from edgecompress.errors import EdgeCompressError
 from edgecompress.options import DEFAULT_EVAL_WINDOWS, EVAL_SEQ_LEN, BuildOptions, CompressOptions, WeightFormats
 from edgecompress.options import LOW_BIT_FORMATS, resolve_formats
@@ -79,8 +79,12 @@ def default_out(model_spec: str | None, target: str) -> Path:
 
 def session_options(profile: TargetProfile) -> dict[str, Any]:
     """onnxruntime settings for verification and evaluation: the target's providers present here with their
-    [provider_options] (strict SkipLayerNorm, no TF32: the parity settings), its threads."""
-    return {"providers": profile.session_providers(), "threads": profile.threads}
+    [provider_options] (strict SkipLayerNorm, no TF32: the parity settings), its threads, and our custom-op
+    library where the target enables our ops (a graph that needs it and finds none was refused before)."""
+    from edgecompress.custom_ops import session_libraries
+
+    return {"providers": profile.session_providers(), "threads": profile.threads,
+            "custom_op_libraries": session_libraries(profile.custom_ops)}
 
 
 def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -88,22 +92,31 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
     clock = StageClock(progress or Progress())
     started = time.perf_counter()
     inputs = prepare(options)
+    missing = [p for p in inputs.profile.execution_provider if p not in inputs.profile.providers]
+    if missing:  # a GPU target built on a CPU machine: its checks run where they can, and say so
+        clock.warn(f"this onnxruntime has no {', '.join(missing)}: verification and evaluation of the"
+                   f" '{inputs.profile.name}' artifact run on {', '.join(inputs.profile.providers)}")
     with clock.stage("load") as note:
         note(f"{inputs.source.spec} ({inputs.source.kind})")
         loaded = models.load(inputs.source)
     compression, budget = budget_stage(clock, loaded, options, inputs)
     plan = plan_stage(clock, loaded, compression, inputs.saved_plan) if compression else None
+    from edgecompress import graph_stages
+
+    fuse_low_rank = graph_stages.fuses_low_rank(inputs.profile.custom_ops, plan)
+    optimized = inputs.formats.optimized or fuse_low_rank
     with artifact.staged_folder(inputs.out, options.force) as staging:
         # The fp32 export is the artifact itself, or, for an optimized build, its read-only reference.
-        export_folder = artifact.work_folder(staging, "fp32") if inputs.formats.optimized else nullcontext(staging)
+        export_folder = artifact.work_folder(staging, "fp32") if optimized else nullcontext(staging)
         with export_folder as fp32:
             export_info = export_stage(clock, loaded, plan, fp32, inputs.profile)
             verification = verify_stage(clock, fp32, loaded, plan, inputs.profile)
-            if inputs.formats.optimized:
-                export_info["optimize"] = optimize_stage(clock, fp32, staging, inputs, loaded, verification)
+            if optimized:
+                export_info["optimize"] = optimize_stage(clock, fp32, staging, inputs, loaded, verification,
+                                                         fuse_low_rank)
                 verification["optimized"] = verify_optimized_stage(clock, staging, fp32, loaded, verification, inputs,
                                                                    export_info["optimize"])
-            evaluation = evaluate_stage(clock, staging, inputs, fp32 if inputs.formats.optimized else None,
+            evaluation = evaluate_stage(clock, staging, inputs, fp32 if optimized else None,
                                         export_info.get("optimize"))
         memory = budget.artifact_section(staging, export_info, clock.warn)
         report = write_stage(clock, staging, inputs, loaded, plan, export_info, verification, evaluation, memory, started)
@@ -120,6 +133,8 @@ def prepare(options: BuildOptions) -> BuildInputs:
             f"target '{profile.name}' asks for {profile.dtype} artifacts; this version builds {', '.join(BUILT_DTYPES)}"
         )
     formats = resolve_formats(options, profile)
+    if profile.custom_ops and options.compress is not None:  # the compressed graph will use our ops
+        custom_ops.library_file()
     out = Path(options.out) if options.out else default_out(options.model, profile.name)
     artifact.check_destination(out, options.force)
     source = models.resolve(options.model, options.revision, options.trust_remote_code)
@@ -155,6 +170,8 @@ def budget_stage(clock: StageClock, loaded, options: BuildOptions, inputs: Build
         note(check.summary())
     if check.picked_ratio is None:
         return options.compress, check
+    if inputs.profile.custom_ops:  # the compressed graph will use our ops: refuse before compressing
+        custom_ops.library_file()
     clock.warn(f"{check.summary()}: compressing with {check.compression.method} at ratio {check.picked_ratio:.2f}")
     if inputs.eval_windows == 0 and options.eval_limit is None:  # compressed builds are measured by default
         from edgecompress.runtimes import text_sources
@@ -191,7 +208,7 @@ def plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_pl
 
         return make_plan(
             loaded.model, calib, compression.method, compression.ratio, compression.rho, compression.device, progress,
-            rounding=compression.rounding,
+            rounding=compression.rounding, structure=compression.structure, blocks=compression.blocks,
         )
 
 
@@ -204,14 +221,29 @@ def export_stage(clock: StageClock, loaded, plan, folder: Path, profile: TargetP
     if plan is not None:
         with clock.stage("passes") as note:
             note(f"{len(plan.replaced_layers)} layers replaced, {len(plan.removed_layers)} removed")
-            info["passes"] = graph_stages.run_stage(model, graph_stages.plan_passes(plan))
+            info["passes"] = graph_stages.run_stage(model, graph_stages.plan_passes(plan, profile.custom_ops))
+            custom_ops.require(model)
     with clock.stage("save"):
         export.save_model(model, folder)
         info["kv_layers"] = export.kv_layers(model)  # after the plan's passes: layers a removal plan kept
         export.write_sidecar_files(folder, loaded, info["kv_layers"], profile)
         if plan is not None:
             plan.save(folder / contract.PLAN_DIR)
+        carry_custom_ops(folder, model)
     return info
+
+
+def carry_custom_ops(folder: Path, model) -> list[str]:
+    """An artifact whose graph uses our ops carries the library and names it in genai_config.json."""
+    from edgecompress import export
+
+    used = custom_ops.used_ops(model)
+    if used:
+        custom_ops.copy_into(folder)
+    else:  # copied over from the fp32 export, whose graph used them
+        custom_ops.remove_from(folder)
+    export.set_genai_custom_ops_library(folder, contract.CUSTOM_OPS_LIBRARY_FILE if used else None)
+    return used
 
 
 def verify_stage(clock: StageClock, folder: Path, loaded, plan, profile: TargetProfile) -> dict[str, Any]:
@@ -229,7 +261,7 @@ def verify_stage(clock: StageClock, folder: Path, loaded, plan, profile: TargetP
 
 
 def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildInputs, loaded=None,
-                   verification: dict | None = None) -> dict[str, Any]:
+                   verification: dict | None = None, fuse_low_rank: bool = False) -> dict[str, Any]:
     """Low-bit weights (GGUF blocks kept exactly where they map), then fusions, then for a float16 target
     the scan, fp16 conversion and its validation (`half_precision`): one load, one save."""
     from edgecompress import export, graph_stages
@@ -245,13 +277,15 @@ def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildIn
         else:
             note(f"{formats.weights} weights" + (", onnxruntime fusions" if formats.fuse else ""))
         model = graph_stages.load_model(fp32)
-        report = graph_stages.run_stage(model, graph_stages.optimize_passes(formats, gguf))
+        report = graph_stages.run_stage(model, graph_stages.optimize_passes(formats, gguf, fuse_low_rank))
+        custom_ops.require(model)  # before the fp16 step's sessions need the library
         if is_half_precision(inputs):
             report["precision"] = half_precision_step(clock, note, model, fp32, staging, inputs, loaded,
                                                       verification)
         else:
             export.save_model(model, staging)
         artifact.copy_sidecar_files(fp32, staging)
+        report["custom_ops_used"] = carry_custom_ops(staging, model)
     return report
 
 

@@ -5,7 +5,10 @@ On disk a plan is a folder with
   layer its rank and kept singular indices, the scores that led there, the parameter accounting
   and the content hashes (model weights, calibration data, settings);
 - `factors.safetensors`: fp32 tensors `<module>.A` [rank, in], `<module>.B` [out, rank] and
-  `<module>.bias` [out] (only when the Linear has a bias), with y = (x @ A.T) @ B.T + bias.
+  `<module>.bias` [out] (only when the Linear has a bias), with y = (x @ A.T) @ B.T + bias; a structured
+  Linear (`structure` monarch or blast, `blocks` b) stores `<module>.W1`/`.W2` or `.U`/`.S`/`.V` instead, in
+  the layouts of `kernels/reference.py` (y = MonarchMatMul / BlastMatMul(x, ...) + bias). Plans written
+  before structures existed have no `structure` field and read as low-rank.
 
 This module is pure data plus the parameter arithmetic used to turn a ratio into a layer count;
 it needs numpy and safetensors but not torch (only `model_weights_hash` imports torch).
@@ -26,6 +29,8 @@ from edgecompress.options import check_ratio
 PLAN_FORMAT = "edgecompress.plan"
 PLAN_VERSION = 1
 LAYER_ACTIONS = ("keep", "replace", "remove")
+# Factor tensors per structure, in the op's input order (`<module>.<name>` in factors.safetensors).
+STRUCTURE_FACTORS = {"lowrank": ("A", "B"), "monarch": ("W1", "W2"), "blast": ("U", "S", "V")}
 
 
 # ---------------------------------------------------------------- parameter arithmetic
@@ -97,6 +102,45 @@ def uniform_rho_for_ratio(
     return high
 
 
+def structured_rank(structure: str, out_features: int, in_features: int, rank: int, blocks: int | None) -> int:
+    """The rank a structure gets for the parameters of a low-rank rank `rank` (equal parameter counts):
+    Monarch channels R = rank rounded to the nearest multiple of b (ties down, at least b, at most b·min(p, q));
+    BLAST rank floor(rank·(K+N) / (K+N+b²)), at least 1, at most min(K, N)."""
+    if structure == "lowrank":
+        return rank
+    m, n, b = out_features, in_features, blocks
+    if structure == "monarch":
+        multiple = (2 * rank + b - 1) // (2 * b)  # round(rank / b), a tie going down
+        return b * max(1, min(multiple, min(m, n) // b))
+    return max(1, min((rank * (m + n)) // (m + n + b * b), m, n))
+
+
+def structured_params(structure: str, out_features: int, in_features: int, rank: int, blocks: int | None) -> int:
+    """Factor parameters of one Linear (bias excluded): R·(K+N) for low-rank and Monarch, r·(K+N)+b²·r for BLAST."""
+    params = rank * (out_features + in_features)
+    return params + blocks * blocks * rank if structure == "blast" else params
+
+
+def _validate_linear(linear: "LinearPlan", factors: dict) -> None:
+    if linear.structure not in STRUCTURE_FACTORS:
+        raise EdgeCompressError(f"plan {linear.module}: unknown structure {linear.structure!r}")
+    if linear.structure == "lowrank":
+        if len(linear.kept_indices) != linear.rank:
+            raise EdgeCompressError(f"plan {linear.module}: rank and kept indices disagree")
+    elif not (isinstance(linear.blocks, int) and linear.blocks >= 1 and linear.in_features % linear.blocks == 0
+              and linear.out_features % linear.blocks == 0):
+        raise EdgeCompressError(f"plan {linear.module}: {linear.blocks!r} blocks do not divide its "
+                                f"{linear.out_features} x {linear.in_features} weight")
+    if not factors:
+        return
+    names = [f"{linear.module}.{name}" for name in linear.factor_names]
+    missing = [name for name in names if name not in factors]
+    if missing:
+        raise EdgeCompressError(f"plan factors miss {', '.join(missing)}")
+    if any(tuple(factors[name].shape) != shape for name, shape in zip(names, linear.factor_shapes())):
+        raise EdgeCompressError(f"plan factors of {linear.module} have the wrong shape")
+
+
 # ---------------------------------------------------------------- hashes
 
 
@@ -124,7 +168,8 @@ def model_weights_hash(model) -> str:
 
 @dataclass
 class LinearPlan:
-    """One Linear of a replaced layer: W [out, in] becomes B [out, rank] @ A [rank, in]."""
+    """One Linear of a replaced layer: W [out, in] becomes B [out, rank] @ A [rank, in] (low-rank), or Monarch /
+    BLAST factors with `blocks` blocks (rank: Monarch's channels R, BLAST's r; kept_indices empty)."""
 
     name: str  # relative to the decoder layer, e.g. "self_attn.q_proj"
     module: str  # full module name, e.g. "model.layers.12.self_attn.q_proj"
@@ -136,6 +181,23 @@ class LinearPlan:
     action: str = "low_rank"
     basis: str = "weight"  # "weight": SVD of W; "whitened": SVD of W L (SVD-LLM)
     scores: dict = field(default_factory=dict)  # summary of the group scores
+    structure: str = "lowrank"  # lowrank | monarch | blast
+    blocks: int | None = None  # b, for monarch and blast
+    params: int | None = None  # factor parameters (bias excluded); None in plans written before structures
+
+    @property
+    def factor_names(self) -> tuple[str, ...]:
+        return STRUCTURE_FACTORS[self.structure]
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes its factors must have, in `factor_names` order."""
+        k, n, r = self.in_features, self.out_features, self.rank
+        if self.structure == "lowrank":
+            return (r, k), (n, r)
+        b = self.blocks
+        if self.structure == "monarch":
+            return (b, k // b, r), (b, r, n // b)
+        return (b, r, n // b), (b, b, r), (b, k // b, r)
 
 
 @dataclass
@@ -203,18 +265,7 @@ class CompressionPlan:
             if layer.action != "replace":
                 continue
             for linear in layer.linears:
-                if len(linear.kept_indices) != linear.rank:
-                    raise EdgeCompressError(f"plan {linear.module}: rank and kept indices disagree")
-                if not self.factors:
-                    continue
-                a, b = self.factors.get(f"{linear.module}.A"), self.factors.get(f"{linear.module}.B")
-                if a is None or b is None:
-                    raise EdgeCompressError(f"plan factors miss {linear.module}.A/.B")
-                if tuple(a.shape) != (linear.rank, linear.in_features) or tuple(b.shape) != (
-                    linear.out_features,
-                    linear.rank,
-                ):
-                    raise EdgeCompressError(f"plan factors of {linear.module} have the wrong shape")
+                _validate_linear(linear, self.factors)
 
     # ------------------------------------------------------------ (de)serialization
 
@@ -238,15 +289,18 @@ class CompressionPlan:
     def from_json_dict(cls, data: dict, factors: dict | None = None) -> "CompressionPlan":
         if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
             raise EdgeCompressError(f"not an edgecompress plan (version {PLAN_VERSION})")
-        layers = [
-            LayerPlan(
-                index=layer["index"],
-                name=layer["name"],
-                action=layer["action"],
-                linears=[LinearPlan(**linear) for linear in layer["linears"]],
-            )
-            for layer in data["layers"]
-        ]
+        try:
+            layers = [
+                LayerPlan(
+                    index=layer["index"],
+                    name=layer["name"],
+                    action=layer["action"],
+                    linears=[LinearPlan(**linear) for linear in layer["linears"]],
+                )
+                for layer in data["layers"]
+            ]
+        except (TypeError, KeyError) as exc:  # a field this version does not know, or one missing
+            raise EdgeCompressError(f"plan.json has a layer this version cannot read: {exc}") from exc
         plan = cls(
             method=data["method"],
             settings=data["settings"],

@@ -93,7 +93,7 @@ class TargetProfile:
     # onnxruntime: `[provider_options.<Provider>]` tables of string options, passed as they are.
     provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
     threads: int | None = None  # onnxruntime intra-op threads for verification and evaluation
-    custom_ops: tuple[str, ...] = ()  # edgecompress custom ops this target runs (none yet)
+    custom_ops: tuple[str, ...] = ()  # our ai.edgecompress ops this target runs (the others are lowered)
     expected_power_mode: str | None = None  # Jetson nvpmodel mode the numbers assume; the profiler warns
     min_jetpack: str | None = None  # the JetPack the provider options and kernels assume
     weight_formats: tuple[str, ...] = ("fp32",)  # what `--weights` may ask for on this target
@@ -214,6 +214,11 @@ def parse_profile(data: dict[str, Any], origin: str) -> TargetProfile:
     for key in _LISTS:
         if key in values:
             values[key] = _string_tuple(values[key], key, origin, allow_empty=key in ("aliases", "custom_ops", "sources"))
+    if "custom_ops" in values:
+        from edgecompress.kernels.reference import OPS
+
+        unknown = [op for op in values["custom_ops"] if op not in OPS]
+        _expect(not unknown, "custom_ops", f"a list of {', '.join(OPS)} (not {', '.join(unknown)})", origin)
     for key in _NUMBERS:
         if key in values:
             _expect(_is_number(values[key]) and values[key] > 0, key, "a positive number", origin)

@@ -59,7 +59,7 @@ class SplitLowRankPass(ir.passes.InPlacePass):
             sites[site.module] = module
             a, b, bias = _unpack(module, arrays)
             _check_factor_shapes(module, site, a, b)
-            _check_bias(module, site, bias)
+            check_bias(module, site, bias)
 
     def call(self, model: ir.Model) -> StatsResult:
         stats = SplitLowRankStats()
@@ -72,7 +72,7 @@ class SplitLowRankPass(ir.passes.InPlacePass):
             stats.params_after += a.size + b.size
             _split(graph, site, a, b)
             if bias is not None:
-                _set_bias(graph, site, bias)
+                set_bias(graph, site, bias)
             stats.matmuls_split += 1
         return StatsResult(model, modified=bool(self.factors), stats=stats)
 
@@ -85,7 +85,7 @@ def _unpack(module: str, arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
     return a, b, bias
 
 
-def _check_bias(module: str, site: LinearSite, bias: np.ndarray | None) -> None:
+def check_bias(module: str, site: LinearSite, bias: np.ndarray | None) -> None:
     if bias is None:
         return
     if bias.shape != (site.out_features,):
@@ -95,7 +95,7 @@ def _check_bias(module: str, site: LinearSite, bias: np.ndarray | None) -> None:
         raise PassInputError(f"factors give a bias for {module!r} but its Linear has none in the graph")
 
 
-def _set_bias(graph: ir.Graph, site: LinearSite, bias: np.ndarray) -> None:
+def set_bias(graph: ir.Graph, site: LinearSite, bias: np.ndarray) -> None:
     """Point the bias Add (or the Gemm's C input) at a new initializer holding `bias`."""
     if site.bias_node is not None:
         consumer = site.bias_node

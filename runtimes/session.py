@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgecompress.contract import MODEL_FILE
+from edgecompress.contract import CUSTOM_OPS_LIBRARY_FILE, MODEL_FILE
 from edgecompress.errors import first_line
 from edgecompress.runtimes.errors import RuntimeLoadError
 
@@ -22,6 +22,12 @@ def model_path(artifact: str | os.PathLike) -> Path:
     return path
 
 
+def folder_custom_ops_library(artifact: str | os.PathLike) -> Path | None:
+    """The custom-op library an artifact carries beside its model (present when the graph uses our ops)."""
+    library = model_path(artifact).parent / CUSTOM_OPS_LIBRARY_FILE
+    return library if library.is_file() else None
+
+
 def create_session(
     artifact: str | os.PathLike,
     providers: list[str] | None = None,
@@ -34,7 +40,8 @@ def create_session(
 ) -> ort.InferenceSession:
     """`provider_options`: one dict per entry of `providers` (onnxruntime's own pairing);
     `profile_prefix`: turn on onnxruntime's profiler, writing `<prefix>_<date>.json` (end_profiling());
-    `session_config`: session config entries (`session.intra_op.allow_spinning`, ...)."""
+    `session_config`: session config entries (`session.intra_op.allow_spinning`, ...);
+    `custom_op_libraries`: libraries to register; by default the one the artifact folder carries, if any."""
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -50,8 +57,18 @@ def create_session(
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    for library in custom_op_libraries or []:
-        options.register_custom_ops_library(str(library))
+    if custom_op_libraries is None:
+        carried = folder_custom_ops_library(artifact)
+        custom_op_libraries = [carried] if carried else []
+    if custom_op_libraries:
+        from edgecompress.errors import EdgeCompressError
+        from edgecompress.kernels import library as ops_library
+
+        for library in custom_op_libraries:
+            try:  # checks it loads, its version and the onnxruntime it needs, in one line
+                ops_library.register(options, Path(library))
+            except EdgeCompressError as exc:
+                raise RuntimeLoadError(first_line(exc)) from None
     try:
         return ort.InferenceSession(
             str(model_path(artifact)), sess_options=options, providers=providers or ["CPUExecutionProvider"],

@@ -71,3 +71,22 @@ def require_wikitext() -> None:
             import pytest
 
             pytest.skip(f"WikiText-2 {role} text not found: {found.reason}")
+
+
+def custom_ops_library():
+    """The path of our built custom-op library (built here when it is not yet); a skip with the reason when
+    it cannot be built on this machine."""
+    import pytest
+
+    from edgecompress.custom_ops import LibraryMissingError, library_file
+
+    try:
+        return library_file()
+    except LibraryMissingError as missing:
+        try:
+            from edgecompress.kernels import library
+
+            library.build_library()
+            return library_file()
+        except Exception as error:  # noqa: BLE001 - why it cannot be built is the skip's reason
+            pytest.skip(f"the custom-op library is not built ({missing}) and cannot be built here: {error}")

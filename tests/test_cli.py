@@ -18,7 +18,8 @@ def test_help_documents_every_verb(verb):
 
 def test_build_help_lists_its_options():
     text = run_cli("build", "--help").stdout
-    for option in ("--target", "--out", "--force", "--revision", "--trust-remote-code", "smollm2-135m"):
+    for option in ("--target", "--out", "--force", "--revision", "--trust-remote-code", "smollm2-135m", "--structure",
+                   "--blocks"):
         assert option in text
 
 

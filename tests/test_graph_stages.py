@@ -91,3 +91,42 @@ def test_a_pass_error_is_the_users_one_line_error(artifact):
     model = graph_stages.load_model(artifact)
     with pytest.raises(EdgeCompressError, match="cannot remove layers \\[7\\]"):
         graph_stages.run_stage(model, [(None, RemoveLayersPass([7]))])
+
+
+def _split_one_linear(model, module="model.layers.1.mlp.up_proj", rank=4):
+    from edgecompress.passes import SplitLowRankPass, build_layer_map
+
+    site = build_layer_map(model.graph).find_linear(module)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rank, site.in_features)).astype(np.float32)
+    b = rng.standard_normal((site.out_features, rank)).astype(np.float32)
+    SplitLowRankPass({module: (a, b)})(model)
+
+
+@pytest.mark.parametrize("weights,fused,skipped", [
+    ("fp32", 1, {}),
+    ("int4", 0, {"factor B quantized to MatMulNBits": 1}),  # the factors stay MatMulNBits
+])
+def test_low_rank_fusion_follows_the_weight_format_and_survives_ort_fusions(artifact, weights, fused, skipped):
+    model = graph_stages.load_model(artifact)
+    _split_one_linear(model)
+
+    passes = graph_stages.optimize_passes(WeightFormats(weights, 32, 4, True), fuse_low_rank=True)
+    report = graph_stages.run_stage(model, passes)
+
+    stats = report["custom_ops"]["FuseLowRankPass"]
+    assert (stats["fused"], stats["skipped"]) == (fused, skipped)
+    assert sum(node.op_type == "LowRankMatMul" for node in model.graph) == fused  # kept by the ORT fusions
+    assert report["fusion"]["FuseOrtOpsPass"]["fused_ops"]["SkipSimplifiedLayerNormalization"] == 6
+
+
+def test_the_plan_stage_lowers_the_ops_the_target_does_not_enable():
+    from edgecompress.passes import LowerCustomOpsPass
+
+    class NoPlan:
+        layers, factors, removed_layers = [], {}, []
+
+    passes = [pass_ for _, pass_ in graph_stages.plan_passes(NoPlan(), custom_ops=("LowRankMatMul",))]
+
+    lowering = next(pass_ for pass_ in passes if isinstance(pass_, LowerCustomOpsPass))
+    assert lowering.ops == ("MonarchMatMul", "BlastMatMul")

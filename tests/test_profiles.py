@@ -50,6 +50,7 @@ def test_user_profile_file(tmp_path):
     ("memory_gb = \"lots\"\n", "'memory_gb' must be a positive number"),
     ("fuse = \"always\"\n", "'fuse' must be true, false or \"low-bit\""),
     ("weight_formats = []\n", "'weight_formats' must be a string or a non-empty list"),
+    ('custom_ops = ["LowRankMatMul", "DenseMatMul"]\n', "'custom_ops' must be a list of LowRankMatMul, .*not DenseMatMul"),
     # the GPU fields
     ('[provider_options.CUDAExecutionProvider]\nenable_cuda_graph = 1\n',
      "'provider_options.CUDAExecutionProvider.enable_cuda_graph' must be a string"),
@@ -102,6 +103,7 @@ def test_gpu_profiles_carry_the_roofline_budget_and_provider_numbers(name):
     assert profile.execution_provider[0] == "CUDAExecutionProvider" and profile.weights in profile.weight_formats
     # Jetson's onnxruntime builds accumulate fp16 SkipLayerNorm in half precision without it.
     assert profile.provider_options["CUDAExecutionProvider"]["enable_skip_layer_norm_strict_mode"] == "1"
+    assert profile.custom_ops == ("LowRankMatMul", "MonarchMatMul", "BlastMatMul")  # our cubins cover sm_86..90
     if name.startswith("jetson"):
         assert profile.shared_memory and profile.emc_bus_bits in (128, 256) and profile.expected_power_mode
         # The bandwidth is the EMC clock's: bus bits / 8 x 2 transfers x 2133 or 3199 MHz.

@@ -31,8 +31,9 @@ SOURCE_ROOTS = {
 }
 NAMESPACED = ("passes", "runtimes", "kernels", "targets")
 KERNEL_DATA = ("so", "cubin", "ptx", "json")  # non-Python files kernels/ ships as package data
-# Inside the copied folders: never build inputs (a stale egg-info would even feed setuptools).
-COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+# Inside the copied folders: never build inputs (a stale egg-info would even feed setuptools). Hidden
+# entries (lock and stamp files) are build bookkeeping; setuptools' globs skip them too.
+COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
 
 
 def copy_build_inputs(repo: Path, dest: Path) -> None:

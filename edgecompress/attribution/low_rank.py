@@ -39,9 +39,11 @@ def install_low_rank(model, module_name: str, a, b, bias=None) -> nn.Module:
 
 
 def factor_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    """The factor weights of every LowRankLinear in `layer` (what a refit trains)."""
+    """The factor weights of every LowRankLinear, MonarchLinear and BlastLinear in `layer` (what a refit trains)."""
+    from edgecompress.attribution.structured import structured_parameters
+
     params = []
     for module in layer.modules():
         if isinstance(module, LowRankLinear):
             params += [module.a.weight, module.b.weight]
-    return params
+    return params + structured_parameters(layer)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build the greedy example with g++: headers from Debian's libonnxruntime-dev (fetch_headers.sh), the
+# Build the greedy example with g++: headers from Debian's libonnxruntime-dev (kernels/fetch_ort_headers.sh), the
 # shared library from the onnxruntime Python wheel. Prints the path of the built binary.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python3}
-INCLUDE=$("$HERE/fetch_headers.sh")
+INCLUDE=$("$HERE/../../kernels/fetch_ort_headers.sh")  # the one header fetch, shared with the kernels
 CAPI=$("$PYTHON" -c "import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))")
 LIB=$(ls "$CAPI"/libonnxruntime.so.1.* | head -1)
 OUT="$HERE/build"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
+# The one home of the header fetch: the custom-op library (kernels/library.py) and examples/cpp use it.
 # Fetch the ONNX Runtime C/C++ headers from Debian's libonnxruntime-dev (trixie, 1.21.0: the C API is
 # versioned, and newer runtimes such as the 1.32 wheel serve older API versions). Nothing is vendored:
 # the headers land in an ignored cache folder. Prints the include directory.
 # Works on Debian bookworm or later with apt; reuses the mirror already configured for apt.
 set -euo pipefail
-CACHE=${ORT_HEADERS_CACHE:-"$(cd "$(dirname "$0")/../.." && pwd)/.cache/ort"}
+# Default cache: .cache/ort at the top of the source checkout (kernels/..); kernels/library.py passes its own.
+CACHE=${ORT_HEADERS_CACHE:-"$(cd "$(dirname "$0")/.." && pwd)/.cache/ort"}
 INCLUDE="$CACHE/root/usr/include/onnxruntime"
 if [ -f "$INCLUDE/onnxruntime_cxx_api.h" ]; then echo "$INCLUDE"; exit 0; fi
 VERSION=1.21.0+dfsg-1

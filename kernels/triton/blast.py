@@ -1,0 +1,56 @@
+"""BlastMatMul, "partial" fusion (first stage): z[n, k, :] = Σ_l (X_l·V[l]) ⊙ S[l, k] for all k at once.
+
+Grid (row tiles, rank tiles). For each input block l, y = X_l·V[l][:, rank tile] stays on chip (fp32) and
+is immediately mixed into a [BLOCK_B, BLOCK_M, BLOCK_R] fp32 accumulator for every output block k
+(BLOCK_B = b rounded up to a power of two, b ≤ 16). Only z ([M, b, r], rounded to the storage dtype)
+is written; block_diag_kernel then computes Y_k = z_k·U[k] into the final layout.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def blast_partial_kernel(
+    x_ptr,
+    v_ptr,
+    s_ptr,
+    z_ptr,
+    M,
+    NB,
+    P,
+    R,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    outs = tl.arange(0, BLOCK_B)
+    acc = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for blk in range(NB):
+        y = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, P, BLOCK_K):
+            kk = k0 + ks
+            xt = tl.load(
+                x_ptr + rows[:, None] * (NB * P) + blk * P + kk[None, :],
+                mask=(rows[:, None] < M) & (kk[None, :] < P),
+                other=0.0,
+            )
+            vt = tl.load(
+                v_ptr + blk * P * R + kk[:, None] * R + rr[None, :],
+                mask=(kk[:, None] < P) & (rr[None, :] < R),
+                other=0.0,
+            )
+            y = tl.dot(xt, vt, y, input_precision="ieee")
+        st = tl.load(
+            s_ptr + blk * NB * R + outs[:, None] * R + rr[None, :],
+            mask=(outs[:, None] < NB) & (rr[None, :] < R),
+            other=0.0,
+        ).to(tl.float32)
+        acc += st[:, None, :] * y[None, :, :]
+    offs = rows[None, :, None] * (NB * R) + outs[:, None, None] * R + rr[None, None, :]
+    mask = (outs[:, None, None] < NB) & (rows[None, :, None] < M) & (rr[None, None, :] < R)
+    tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
