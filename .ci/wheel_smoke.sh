@@ -9,8 +9,10 @@
 # Settings (environment): BUILD_PYTHON builds the wheel, offline (needs setuptools; default
 # .venv/bin/python); PYTHON makes the fresh venv (default python3); TORCH_SPEC is installed first,
 # the CPU build (default torch==2.13.0, as in the Makefile); TORCH_INDEX_URL, when set, is an extra
-# index for it (e.g. https://download.pytorch.org/whl/cpu where no CPU wheel is at hand). The
-# dependencies come from the usual package index (PyPI); nothing else is downloaded.
+# index for it (e.g. https://download.pytorch.org/whl/cpu where no CPU wheel is at hand); CONSTRAINTS
+# is the pip constraints file every install takes (default the repo's constraints.txt, the versions CI
+# tested; set it empty for the newest allowed). The dependencies come from the usual package index
+# (PyPI); nothing else is downloaded.
 set -euo pipefail
 START=$SECONDS
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +26,9 @@ absolute() {  # an absolute path for a command given as a path, without resolvin
 BUILD_PYTHON="$(absolute "${BUILD_PYTHON:-$ROOT/.venv/bin/python}")"
 PYTHON="$(absolute "${PYTHON:-python3}")"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+CONSTRAINTS="${CONSTRAINTS-$ROOT/constraints.txt}"
+PIP_CONSTRAINTS=()
+if [ -n "$CONSTRAINTS" ]; then PIP_CONSTRAINTS=(-c "$(cd "$(dirname "$CONSTRAINTS")" && pwd)/$(basename "$CONSTRAINTS")"); fi
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/edgecompress-wheel-smoke.XXXXXX")"
 finish() {
@@ -55,11 +60,11 @@ step "fresh virtual environment, CPU torch first, then the wheel (non-editable) 
 run "$PYTHON" -m venv "$TMP/venv"
 VENV_BIN="$TMP/venv/bin"
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    run "$VENV_BIN/pip" install --quiet --extra-index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
+    run "$VENV_BIN/pip" install --quiet "${PIP_CONSTRAINTS[@]}" --extra-index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 else
-    run "$VENV_BIN/pip" install --quiet "$TORCH_SPEC"
+    run "$VENV_BIN/pip" install --quiet "${PIP_CONSTRAINTS[@]}" "$TORCH_SPEC"
 fi
-run "$VENV_BIN/pip" install --quiet "$WHEEL"
+run "$VENV_BIN/pip" install --quiet "${PIP_CONSTRAINTS[@]}" "$WHEEL"
 if "$VENV_BIN/pip" list --format=freeze | grep -i '^nvidia-'; then
     echo "CUDA packages were installed (above): torch is not the CPU build" >&2
     exit 1

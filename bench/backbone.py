@@ -35,7 +35,7 @@ def measure_build(out: Path) -> dict:
     """Run the CLI as a child process: wall time, and peak RSS from the kernel's child accounting."""
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "edgecompress.cli", "build", MODEL, "--target", "cpu-x86", "-o", str(out), "-q"],
+        [sys.executable, "-P", "-m", "edgecompress.cli", "build", MODEL, "--target", "cpu-x86", "-o", str(out), "-q"],
         capture_output=True, text=True,
     )
     wall = time.perf_counter() - started

@@ -26,11 +26,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgecompress.folder_names import FOLDERS as NAMESPACED
 from edgecompress.report import machine_description
 
 RESULTS = Path(__file__).parent / "results" / "build-time.json"
 COMMAND = ["build", "smollm2-135m", "--ratio", "0.2", "--weights", "int4"]
-NAMESPACED = ("passes", "runtimes", "kernels", "targets")
 
 
 def installed_layout(src: Path, into: Path) -> Path:
@@ -47,7 +47,7 @@ def installed_layout(src: Path, into: Path) -> Path:
 
 def one_build(label: str, env: dict, out: Path, cwd: Path) -> dict:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "edgecompress.cli", *COMMAND, "-o", str(out), "-q"],
+    result = subprocess.run([sys.executable, "-P", "-m", "edgecompress.cli", *COMMAND, "-o", str(out), "-q"],
                             capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - started
     if result.returncode != 0:

@@ -1,6 +1,6 @@
 """edgecompress: an ONNX/edge deployment compiler for transformer LLMs.
 
-The Python API has one function per CLI verb (`build`, `inspect`, `targets`, `eval`, `generate`,
+The Python API has one function per CLI verb (`build`, `clean`, `inspect`, `targets`, `eval`, `generate`,
 defined in edgecompress.api); the CLI (`edgecompress.cli`) is a thin layer over it. They are loaded on
 first use, so `import edgecompress` (and the torch-free runtime under it) stays cheap, and
 `help(edgecompress.build)` shows the real signature.
@@ -9,7 +9,7 @@ first use, so `import edgecompress` (and the torch-free runtime under it) stays 
 from edgecompress.errors import EdgeCompressError
 
 __version__ = "0.1.0"
-_API = ("build", "eval", "generate", "inspect", "targets")
+_API = ("build", "clean", "eval", "generate", "inspect", "targets")
 
 
 def __getattr__(name: str):

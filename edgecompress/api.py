@@ -89,6 +89,20 @@ def targets() -> list[dict[str, Any]]:
     return [profile.describe() for profile in profiles.all_profiles()]
 
 
+def clean(out: str | Path, unknown_owner: bool = False) -> dict[str, list[str]]:
+    """Remove the hidden folders that killed builds into OUT left beside it (`.OUT.partial-*`, `.OUT.old-*`).
+
+    Only those whose process is gone (recorded pid and host); `unknown_owner` also removes folders with no
+    owner record (made by an edgecompress before 0.1.0's owner files, or on another host)."""
+    from edgecompress import artifact
+
+    out = Path(out)
+    removed = artifact.remove_leftovers(out, include_unknown=unknown_owner)
+    _, unknown = artifact.leftover_folders(out)
+    folders = [str(entry) for entry in removed if not entry.name.endswith(artifact.OWNER_SUFFIX)]
+    return {"removed": folders, "unknown_owner": [str(entry) for entry in unknown]}
+
+
 def inspect(out: str | Path) -> dict[str, Any]:
     """What an artifact holds: graph size, parameters, layers, I/O, opset, custom ops, how it was built."""
     import onnx

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edgecompress.contract import DATA_FILE, MODEL_FILE, REPORT_FILE
 from edgecompress.errors import EdgeCompressError
@@ -34,13 +36,109 @@ def _existing_parent(out: Path) -> Path:
     return parent
 
 
+# A build's hidden folders beside OUT: `.OUT.partial-*` (the artifact being written, and its work
+# folders `.OUT.partial-*.<name>-*`) and `.OUT.old-*` (the replaced artifact). Each has an owner file
+# beside it, `<folder>.owner`, naming the process; a build killed with SIGKILL cannot remove them, so
+# the next build into OUT (or `edgecompress clean OUT`) removes those whose process is gone.
+OWNER_SUFFIX = ".owner"
+
+
+def _hidden_prefixes(out: Path) -> tuple[str, ...]:
+    return (f".{out.name}.partial-", f".{out.name}.old-")
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]  # field 22 of stat, counted after the command name
+    except (OSError, IndexError):
+        return None
+
+
+def _make_owned_folder(prefix: str, parent: Path) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+    Path(f"{folder}{OWNER_SUFFIX}").write_text(json.dumps(owner))
+    return folder
+
+
+def _remove_owned_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(f"{folder}{OWNER_SUFFIX}").unlink(missing_ok=True)
+
+
+def _owner_alive(owner_file: Path) -> bool | None:
+    """True/False for an owner on this host; None when it cannot be known (no file, another host)."""
+    try:
+        owner = json.loads(owner_file.read_text())
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        pass
+    start = owner.get("start")
+    return start is None or _process_start(pid) in (None, start)
+
+
+def leftover_folders(out: Path) -> tuple[list[Path], list[Path]]:
+    """The hidden folders of earlier builds into `out`: (owner gone, owner unknown). Live ones are left out."""
+    out = out.absolute()
+    if not out.parent.is_dir():
+        return [], []
+    gone, unknown = [], []
+    for entry in sorted(out.parent.iterdir()):
+        if not entry.name.startswith(_hidden_prefixes(out)) or entry.name.endswith(OWNER_SUFFIX):
+            continue
+        alive = _owner_alive(Path(f"{entry}{OWNER_SUFFIX}"))
+        if alive is False:
+            gone.append(entry)
+        elif alive is None:
+            unknown.append(entry)
+    # owner files whose folder is already gone (killed between the two removals)
+    gone += [entry for entry in sorted(out.parent.glob(f".{out.name}.*{OWNER_SUFFIX}"))
+             if entry.name.startswith(_hidden_prefixes(out)) and not Path(str(entry)[:-len(OWNER_SUFFIX)]).exists()
+             and _owner_alive(entry) is False]
+    return gone, unknown
+
+
+def remove_leftovers(out: Path, include_unknown: bool = False) -> list[Path]:
+    """Remove what killed builds into `out` left beside it (and, if asked, folders of unknown owner)."""
+    gone, unknown = leftover_folders(out)
+    removed = gone + (unknown if include_unknown else [])
+    for entry in removed:
+        if entry.name.endswith(OWNER_SUFFIX):
+            entry.unlink(missing_ok=True)
+        else:
+            _remove_owned_folder(entry)
+    return removed
+
+
+def _say_removed(removed: list[Path], out: Path, say: Callable[[str], None]) -> None:
+    folders = [entry for entry in removed if not entry.name.endswith(OWNER_SUFFIX)]
+    if folders:
+        say(f"removed {len(folders)} folder(s) left beside '{out}' by an earlier build that was killed: "
+            + ", ".join(folder.name for folder in folders))
+
+
 @contextmanager
-def staged_folder(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; on success it replaces `out`, on any failure it vanishes."""
+def staged_folder(out: Path, force: bool, say: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success it replaces `out`, on any failure it vanishes.
+
+    Leftovers of killed builds into `out` go first (`say` gets one line naming them)."""
     out = out.absolute()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        removed = remove_leftovers(out)
+        if say is not None:
+            _say_removed(removed, out, say)
+        staging = _make_owned_folder(f".{out.name}.partial-", out.parent)
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
@@ -51,25 +149,28 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         if out.exists():
             if not force:
                 raise EdgeCompressError(f"output '{out}' appeared during the build; not overwriting it")
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            retired = _make_owned_folder(f".{out.name}.old-", out.parent)
             os.replace(out, retired / "old")
             os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
+            _remove_owned_folder(retired)
         else:
             os.replace(staging, out)
+        Path(f"{staging}{OWNER_SUFFIX}").unlink(missing_ok=True)
     except BaseException:  # KeyboardInterrupt included: an interrupted build leaves nothing behind
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_owned_folder(staging)
         raise
 
 
 @contextmanager
 def work_folder(beside: Path, name: str) -> Iterator[Path]:
-    """A hidden folder next to `beside` (same filesystem) that is removed however the build ends."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=beside.parent))
+    """A hidden folder next to `beside` (same filesystem) that is removed however the build ends.
+
+    Named after `beside` (`.OUT.partial-XXXX.fp32-YYYY`), so a killed build's leftovers are found."""
+    folder = _make_owned_folder(f"{beside.name}.{name}-", beside.parent)
     try:
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_owned_folder(folder)
 
 
 def copy_sidecar_files(source: Path, destination: Path) -> None:

@@ -338,6 +338,28 @@ def inspect(
     out_console.print(table)
 
 
+@app.command()
+@handle_errors
+def clean(
+    out: Path = typer.Argument(..., help="The OUT a killed build was writing."),
+    unknown_owner: bool = typer.Option(False, "--unknown-owner",
+                                       help="Also remove leftover folders with no owner record."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Remove the hidden folders (.OUT.partial-*, .OUT.old-*) that killed builds into OUT left beside it."""
+    from edgecompress import api
+
+    result = api.clean(out, unknown_owner)
+    removed, unknown = result["removed"], result["unknown_owner"]
+    if not quiet:
+        line = (f"removed {len(removed)} leftover folder(s) of killed builds beside '{out}'" if removed
+                else f"nothing left beside '{out}' by killed builds")
+        if unknown:
+            line += f"; {len(unknown)} with no owner record kept (--unknown-owner removes them)"
+        out_console.print(escape(line), highlight=False, soft_wrap=True)
+
+
 @app.command("targets")
 @handle_errors
 def list_targets(

@@ -105,7 +105,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> dict[str, 
 
     fuse_low_rank = graph_stages.fuses_low_rank(inputs.profile.custom_ops, plan)
     optimized = inputs.formats.optimized or fuse_low_rank
-    with artifact.staged_folder(inputs.out, options.force) as staging:
+    with artifact.staged_folder(inputs.out, options.force, clock.warn) as staging:
         # The fp32 export is the artifact itself, or, for an optimized build, its read-only reference.
         export_folder = artifact.work_folder(staging, "fp32") if optimized else nullcontext(staging)
         with export_folder as fp32:

@@ -2,36 +2,41 @@
 returns a `StatsResult` (what it changed, what did not fire and why) and checks its ordering against
 the others in `requires()`. The stages that run them, in order, are in edgecompress.graph_stages."""
 
-from edgecompress.passes.convert_float16 import ConvertFloat16Pass
-from edgecompress.passes.emulate_fp16_storage import EmulateFp16StoragePass
-from edgecompress.passes.fuse_group_query_attention import FuseGroupQueryAttentionPass
-from edgecompress.passes.fuse_low_rank import FuseLowRankPass
-from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
-from edgecompress.passes.graph_edits import StatsResult
-from edgecompress.passes.layer_map import PassInputError, build_layer_map
-from edgecompress.passes.lower_custom_ops import LowerCustomOpsPass
-from edgecompress.passes.map_gguf_weights import GgufBlocks, MapGgufWeightsPass
-from edgecompress.passes.quantize_weights import QuantizeWeightsPass
-from edgecompress.passes.remove_layers import RemoveLayersPass
-from edgecompress.passes.replace_layers import ReplaceLayersPass
-from edgecompress.passes.split_low_rank import SplitLowRankPass
-from edgecompress.passes.split_structured import SplitStructuredPass
+from edgecompress.folder_names import defer_to_installed, imported_by_folder_name
 
-__all__ = [
-    "ConvertFloat16Pass",
-    "EmulateFp16StoragePass",
-    "FuseGroupQueryAttentionPass",
-    "FuseLowRankPass",
-    "FuseOrtOpsPass",
-    "GgufBlocks",
-    "LowerCustomOpsPass",
-    "MapGgufWeightsPass",
-    "PassInputError",
-    "QuantizeWeightsPass",
-    "RemoveLayersPass",
-    "ReplaceLayersPass",
-    "SplitLowRankPass",
-    "SplitStructuredPass",
-    "StatsResult",
-    "build_layer_map",
-]
+if imported_by_folder_name(__name__):  # the clone is on sys.path: this is not edgecompress.passes
+    defer_to_installed(__name__, __file__)
+else:
+    from edgecompress.passes.convert_float16 import ConvertFloat16Pass
+    from edgecompress.passes.emulate_fp16_storage import EmulateFp16StoragePass
+    from edgecompress.passes.fuse_group_query_attention import FuseGroupQueryAttentionPass
+    from edgecompress.passes.fuse_low_rank import FuseLowRankPass
+    from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
+    from edgecompress.passes.graph_edits import StatsResult
+    from edgecompress.passes.layer_map import PassInputError, build_layer_map
+    from edgecompress.passes.lower_custom_ops import LowerCustomOpsPass
+    from edgecompress.passes.map_gguf_weights import GgufBlocks, MapGgufWeightsPass
+    from edgecompress.passes.quantize_weights import QuantizeWeightsPass
+    from edgecompress.passes.remove_layers import RemoveLayersPass
+    from edgecompress.passes.replace_layers import ReplaceLayersPass
+    from edgecompress.passes.split_low_rank import SplitLowRankPass
+    from edgecompress.passes.split_structured import SplitStructuredPass
+
+    __all__ = [
+        "ConvertFloat16Pass",
+        "EmulateFp16StoragePass",
+        "FuseGroupQueryAttentionPass",
+        "FuseLowRankPass",
+        "FuseOrtOpsPass",
+        "GgufBlocks",
+        "LowerCustomOpsPass",
+        "MapGgufWeightsPass",
+        "PassInputError",
+        "QuantizeWeightsPass",
+        "RemoveLayersPass",
+        "ReplaceLayersPass",
+        "SplitLowRankPass",
+        "SplitStructuredPass",
+        "StatsResult",
+        "build_layer_map",
+    ]

@@ -10,9 +10,10 @@ import sys
 
 
 def run_cli(*args: str, cwd=None, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m edgecompress.cli ARGS`; `env` replaces the environment when given."""
-    return subprocess.run([sys.executable, "-m", "edgecompress.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    """`python -P -m edgecompress.cli ARGS` (-P: the working folder stays off sys.path); `env` replaces
+    the environment when given."""
+    return subprocess.run([sys.executable, "-P", "-m", "edgecompress.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:

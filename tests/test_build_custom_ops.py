@@ -119,7 +119,7 @@ def test_onnxruntime_genai_takes_the_library_from_genai_config(fused_and_lowered
     # A fresh process (no library loaded yet) in another working directory: the relative path in
     # genai_config.json is resolved from the config's folder.
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", GENAI_IN_A_FRESH_PROCESS, str(fused), json.dumps(ids)],
+    result = subprocess.run([sys.executable, "-P", "-c", GENAI_IN_A_FRESH_PROCESS, str(fused), json.dumps(ids)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     theirs = json.loads(result.stdout.splitlines()[-1])

@@ -23,7 +23,7 @@ def test_target_profiles_ship_as_package_data():
 
 def _modules_after_import(module: str) -> set[str]:
     code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     return set(result.stdout.split())
 
 
@@ -59,7 +59,7 @@ def test_cli_verbs_other_than_build_do_not_import_torch_or_transformers():
         "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
         "print('heavy:', sorted({'torch', 'transformers'} & set(sys.modules)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert "heavy: []" in result.stdout and "cpu-x86" in result.stdout
 
 
@@ -71,5 +71,5 @@ def test_the_profile_verb_does_not_import_torch_transformers_or_onnx(tiny_llama_
         "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
         "print('heavy:', sorted({'torch', 'transformers', 'onnx', 'onnx_ir'} & set(sys.modules)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert "heavy: []" in result.stdout and '"schema": "edgecompress.profile/1"' in result.stdout

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from edgecompress.folder_names import FOLDERS as NAMESPACED
+
 REPO = Path(__file__).resolve().parents[1]
 # Repo folder -> its path inside the wheel.
 SOURCE_ROOTS = {
@@ -29,7 +31,6 @@ SOURCE_ROOTS = {
     "kernels": "edgecompress/kernels",
     "targets": "edgecompress/targets",
 }
-NAMESPACED = ("passes", "runtimes", "kernels", "targets")
 KERNEL_DATA = ("so", "cubin", "ptx", "json")  # non-Python files kernels/ ships as package data
 # Inside the copied folders: never build inputs (a stale egg-info would even feed setuptools). Hidden
 # entries (lock and stamp files) are build bookkeeping; setuptools' globs skip them too.

@@ -13,7 +13,7 @@ import pytest
 def smollm2_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("integration") / "smollm2-135m"
     result = subprocess.run(
-        [sys.executable, "-m", "edgecompress.cli", "build", "-o", str(out)],
+        [sys.executable, "-P", "-m", "edgecompress.cli", "build", "-o", str(out)],
         capture_output=True, text=True, timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-2000:]

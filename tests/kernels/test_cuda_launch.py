@@ -323,7 +323,7 @@ def test_probe_reports_a_missing_libcuda(no_cubins_library, tmp_path):
     missing = tmp_path / "no-driver" / "libcuda.so.1"
     env = {**os.environ, "EC_LIBCUDA": str(missing)}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(lib_path)], env=env, capture_output=True, check=False, text=True, timeout=60
+        [sys.executable, "-P", "-c", PROBE, str(lib_path)], env=env, capture_output=True, check=False, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (

@@ -105,7 +105,7 @@ def test_shared_memory_over_the_sm_limit_is_refused(monkeypatch, tmp_path):
 
 def test_cli_rejects_an_unknown_sm_in_one_line():
     done = subprocess.run(
-        [sys.executable, "-m", "edgecompress.kernels.aot", "--sm", "75", "--out", "/nonexistent/x"],
+        [sys.executable, "-P", "-m", "edgecompress.kernels.aot", "--sm", "75", "--out", "/nonexistent/x"],
         cwd=ROOT,
         capture_output=True,
         check=False,

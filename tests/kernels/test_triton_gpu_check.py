@@ -20,7 +20,7 @@ CHECK = ROOT / "bench" / "gpu" / "check_kernels.py"
 
 def test_dry_run_builds_every_case():
     done = subprocess.run(
-        [sys.executable, str(CHECK), "--dry-run"], cwd=ROOT, capture_output=True, check=False, text=True, timeout=120
+        [sys.executable, "-P", str(CHECK), "--dry-run"], cwd=ROOT, capture_output=True, check=False, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = done.stdout.strip().splitlines()[-1]

@@ -30,7 +30,7 @@ EXPECTED_LAUNCHES = {
 @pytest.fixture(scope="module")
 def interpreted():
     done = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.triton_interpret_cases"],
+        [sys.executable, "-P", str(ROOT / "tests" / "kernels" / "triton_interpret_cases.py")],
         cwd=ROOT,
         capture_output=True,
         check=False,

@@ -1,4 +1,4 @@
-"""Run as `python -m tests.kernels.triton_interpret_cases`: runs the Triton kernels under TRITON_INTERPRET=1
+"""Run as `python -P tests/kernels/triton_interpret_cases.py`: runs the Triton kernels under TRITON_INTERPRET=1
 (in its own process: the variable must be set before triton is imported, and must not leak into other
 tests) and prints one JSON object: case -> result. Importing this module only defines the cases.
 

@@ -70,4 +70,4 @@ def test_new_passes_and_their_rewriter_do_not_import_torch():
         "_nan_guard_rule()\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)

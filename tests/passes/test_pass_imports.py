@@ -17,7 +17,7 @@ def test_passes_do_not_import_torch():
         f"import {', '.join(modules)}\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)
 
 
 def test_every_pass_is_exported_and_named_verb_object():

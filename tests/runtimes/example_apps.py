@@ -35,7 +35,7 @@ def cpp_greedy(binary: str, folder: Path, ids: list[int], max_new_tokens: int) -
 
 def chat_example_ids(folder: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
     """Token ids of each reply of examples/python/chat.py, fed `prompts` as user turns on stdin."""
-    result = subprocess.run([sys.executable, str(CHAT_SCRIPT), str(folder), "--ids", "--max-new-tokens",
+    result = subprocess.run([sys.executable, "-P", str(CHAT_SCRIPT), str(folder), "--ids", "--max-new-tokens",
                              str(max_new_tokens)], input="\n".join(prompts) + "\n", capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr

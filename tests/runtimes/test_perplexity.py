@@ -93,7 +93,7 @@ def test_cli_eval_prints_json(tiny_llama_artifact, tiny_text):
     folder, _ = tiny_llama_artifact
     report_before = (folder / "report.json").read_bytes()
     result = subprocess.run(
-        [sys.executable, "-m", "edgecompress.cli", "eval", str(folder), "--data", str(tiny_text),
+        [sys.executable, "-P", "-m", "edgecompress.cli", "eval", str(folder), "--data", str(tiny_text),
          "--limit", "3", "--seq-len", "16", "--json"],
         capture_output=True, text=True, timeout=300,
     )

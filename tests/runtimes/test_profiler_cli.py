@@ -105,7 +105,7 @@ print('\\n'.join(extra))
 def test_the_profiler_imports_only_onnxruntime_numpy_and_tokenizers():
     """What importing the profiler adds beyond the standard library and what onnxruntime, numpy and
     tokenizers load themselves must be edgecompress's own modules (pynvml, matplotlib: only when used)."""
-    result = subprocess.run([sys.executable, "-c", IMPORT_RULE], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-P", "-c", IMPORT_RULE], capture_output=True, text=True, check=True)
     extra = result.stdout.split()
     assert "edgecompress.runtimes.profiler.run" in extra
     assert [m for m in extra if not m.startswith("edgecompress")] == []
