@@ -86,8 +86,16 @@ import edgecompress, edgecompress.attribution, edgecompress.passes, edgecompress
 venv = Path(sys.argv[1]).resolve()
 where = Path(edgecompress.__file__).resolve()
 assert venv in where.parents, f"edgecompress imported from {where}, not from the fresh venv {venv}"
-leaks = [name for name in ("passes", "runtimes", "kernels", "targets") if importlib.util.find_spec(name)]
-assert not leaks, f"top-level packages installed: {leaks}"
+from importlib import metadata
+from edgecompress.folder_names import FOLDERS
+# Our wheel installs no top-level passes/runtimes/kernels/targets (other distributions may: transformers
+# requires Hugging Face's `kernels`, and that one must be what `import kernels` finds).
+tops = {Path(str(entry)).parts[0] for entry in metadata.files("edgecompress")}
+leaks = sorted(tops & set(FOLDERS))
+assert not leaks, f"top-level packages installed by the wheel: {leaks}"
+for name in FOLDERS:
+    spec = importlib.util.find_spec(name)
+    assert spec is None or venv in Path(spec.origin).resolve().parents, (name, spec)
 import torch
 print(f"edgecompress from {where.parent}; torch {torch.__version__}; no top-level passes/runtimes")
 EOF
