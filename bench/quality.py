@@ -1,8 +1,9 @@
 """Quality benchmark (issue 3): perplexity kept per parameter removed, for every method and ratio.
 
-Protocol (shared/docs/reference-points.md): smollm2-135m, calibration 16 x 512 tokens from the start
-of WikiText-2 validation (`wiki.valid.tokens`), perplexity over the first 40 non-overlapping
-512-token windows of `wiki.test.raw`, ratio = fraction of ALL parameters removed.
+Protocol (shared/docs/reference-points.md): smollm2-135m, calibration windows of 512 tokens from the
+start of WikiText-2 validation (`wiki.valid.tokens`; `--calib-sequences`, default the build's 128, and
+`--calib-holdout` more kept out of fitting; the first protocol used 16 and none), perplexity over the
+first 40 non-overlapping 512-token windows of `wiki.test.raw`, ratio = fraction of ALL parameters removed.
 
 The dense model is exported and verified once (`edgecompress build`); each (method, ratio,
 calibration) then runs the build's own plan stage (calibrate + attribute) in a child process (so its
@@ -31,6 +32,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgecompress.options import DEFAULT_CALIB_SEQUENCES, holdout_windows
 from edgecompress.report import machine_description, peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +46,7 @@ REFERENCE = {  # shared/docs/reference-points.md, same protocol, independent rei
 
 
 def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_len: int,
-          calibration: str | None, structure: str = "lowrank", blocks: int | None = None) -> None:
+          calibration: str | None, structure: str = "lowrank", blocks: int | None = None, holdout: int = 0) -> None:
     """The build's plan stage only: load, calibrate, attribute, save the plan; print cost as JSON."""
     import warnings
 
@@ -55,7 +57,7 @@ def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_l
     loaded = models.load(models.resolve(MODEL))
     clock = pipeline.StageClock(pipeline.Progress())
     options = CompressOptions(method=method, ratio=ratio, calibration=calibration, calib_sequences=calib_sequences,
-                              calib_seq_len=seq_len, structure=structure, blocks=blocks)
+                              calib_seq_len=seq_len, calib_holdout=holdout, structure=structure, blocks=blocks)
     plan = pipeline.plan_stage(clock, loaded, options, None)
     plan.save(plan_dir)
     print(json.dumps({
@@ -64,6 +66,10 @@ def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_l
         "peak_rss_mb": peak_rss_mb(),
         "achieved_ratio": plan.params["achieved_ratio"],
         "calibration_source": plan.calibration["source"],
+        "calibration_windows": {"fit": plan.calibration["n_sequences"], "held_out": plan.calibration.get("holdout_sequences", 0),
+                                "seq_len": plan.calibration["seq_len"]},
+        "method_resolved": plan.method,
+        "refit": _refit_summary(plan.scores.get("refit")),
         "layers": {a: plan.layers_with(a) for a in ("replace", "remove")},
         "params_after": plan.params["after"],
         "blocks": plan.settings.get("blocks"),
@@ -71,9 +77,18 @@ def child(method: str, ratio: float, plan_dir: Path, calib_sequences: int, seq_l
     }))
 
 
+def _refit_summary(refit: dict | None) -> dict | None:
+    """The end-to-end refit's loss and held-out early stopping, without the per-layer numbers."""
+    if not refit:
+        return None
+    end = refit.get("end-to-end", refit)
+    return {k: v for k, v in end.items() if k != "holdout_history" and not isinstance(v, dict)} or None
+
+
 def run_child(method: str, ratio: float, plan_dir: Path, args, structure: str = "lowrank") -> dict:
     command = [sys.executable, __file__, "--child", method, str(ratio), str(plan_dir),
-               "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len),
+               "--calib-sequences", str(args.calib_sequences), "--calib-holdout", str(_holdout(args)),
+               "--seq-len", str(args.seq_len),
                "--structures", structure]
     if args.blocks is not None and structure != "lowrank":
         command += ["--blocks", str(args.blocks)]
@@ -111,7 +126,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also evaluate the dense model on the whole split")
     parser.add_argument("--structures", nargs="+", default=["lowrank"], help="lowrank, monarch, blast")
     parser.add_argument("--blocks", type=int, help="Monarch/BLAST blocks (default: the build's)")
-    parser.add_argument("--calib-sequences", type=int, default=16)
+    parser.add_argument("--calib-sequences", type=int, default=DEFAULT_CALIB_SEQUENCES)
+    parser.add_argument("--calib-holdout", type=int, default=None,
+                        help="calibration windows held out (early stopping); rows say their calibration")
     parser.add_argument("--calibration", help="calibration spec as for `build --calibration` (e.g. self); "
                         "default: the build's default ($EDGECOMPRESS_DATA's wiki.valid.tokens)")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -125,7 +142,7 @@ def main() -> None:
     if args.child:
         method, ratio, plan_dir = args.child
         return child(method, float(ratio), Path(plan_dir), args.calib_sequences, args.seq_len, args.calibration,
-                     args.structures[0], args.blocks)
+                     args.structures[0], args.blocks, _holdout(args))
 
     from edgecompress import api
     from edgecompress.runtimes.perplexity import perplexity
@@ -134,8 +151,9 @@ def main() -> None:
     record = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(),
-        "protocol": {"model": MODEL, "calibration": f"{args.calib_sequences} x {args.seq_len} tokens from the "
-                     "start of wiki.valid.tokens", "evaluation": f"first {args.limit or 'all'} non-overlapping "
+        "protocol": {"model": MODEL, "calibration": "windows of 512 tokens from the start of wiki.valid.tokens: "
+                     "each row's calibration says how many ('wikitext-2' alone: 16, none held out, the first protocol)",
+                     "evaluation": f"first {args.limit or 'all'} non-overlapping "
                      f"{args.seq_len}-token windows of wiki.test.raw, onnxruntime CPU"},
         "reference_points": {f"{k[0]}@{k[1]}" if isinstance(k, tuple) else k: v for k, v in REFERENCE.items()},
         "rows": [],
@@ -151,7 +169,7 @@ def main() -> None:
             {"created": previous["created"], "machine": previous["machine"]}]
         for row in record["rows"]:
             row.setdefault("run", previous["created"])
-    calibration = args.calibration or DEFAULT_CALIBRATION
+    calibration = _calibration_label(args)
     done = {_key(r) for r in record["rows"]}
     configs = [_config(c) for c in args.order] if args.order else [
         (m, r, s) for r in args.ratios for m in args.methods for s in args.structures]
@@ -188,6 +206,18 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             _write(record)
     _write(record)
+
+
+def _calibration_label(args) -> str:
+    """'wikitext-2' for the first protocol (16 x 512, nothing held out), else with its size: 'wikitext-2 128+8'."""
+    source = args.calibration or DEFAULT_CALIBRATION
+    if args.calib_sequences == 16 and _holdout(args) == 0 and args.seq_len == 512:
+        return source
+    return f"{source} {args.calib_sequences}+{_holdout(args)}" + ("" if args.seq_len == 512 else f"x{args.seq_len}")
+
+
+def _holdout(args) -> int:
+    return holdout_windows(args.calib_sequences, args.calib_holdout)
 
 
 def _key(row: dict) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ def build(
     calibration: str | None = None,
     calib_sequences: int = options.DEFAULT_CALIB_SEQUENCES,
     calib_seq_len: int = options.DEFAULT_CALIB_SEQ_LEN,
+    calib_holdout: int | None = None,
     seed: int | None = None,
     rho: float = options.DEFAULT_RHO,
     structure: str = options.DEFAULT_STRUCTURE,
@@ -61,7 +63,7 @@ def build(
     settings = CompressOptions(
         method=method, ratio=ratio, plan=Path(plan) if plan is not None else None,
         calibration=None if calibration is None else str(calibration), calib_sequences=calib_sequences,
-        calib_seq_len=calib_seq_len, seed=seed, rho=rho, device=device, structure=structure, blocks=blocks,
+        calib_seq_len=calib_seq_len, calib_holdout=calib_holdout, seed=seed, rho=rho, device=device, structure=structure, blocks=blocks,
     )
     compress = settings if ratio is not None or plan is not None else None
     build_options = BuildOptions(
@@ -207,6 +209,61 @@ def eval(  # noqa: A001 - the verb is `edgecompress eval`
         result["reference"] = {"artifact": dense["artifact"], "perplexity": dense["perplexity"]}
         result["ratio_to_reference"] = result["perplexity"] / dense["perplexity"]
     return result
+
+
+LM_EVAL_FILE = "lm_eval.json"  # the results of `eval --tasks`, written into the artifact folder by default
+LM_EVAL_INSTALL_HINT = "pip install 'edgecompress[eval]'"
+
+
+def evaluate_tasks(
+    out: str | Path,
+    tasks: str | list[str],
+    *,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | Path | None = None,
+    batch_size: int = 1,
+    output: str | Path | None = None,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> dict[str, Any]:
+    """lm-evaluation-harness `tasks` (names, a comma-separated string, YAML paths or globs: arc_easy, piqa, ...)
+    scored on the artifact OUT through onnxruntime; `include_path`: a folder of local task YAMLs.
+
+    Writes lm-eval's results JSON to `output` (default OUT/lm_eval.json) and returns a summary with one row
+    per (task, metric, value, stderr). Needs the `eval` extra (lm-eval); nothing is written on bad input."""
+    from edgecompress.runtimes.artifact_files import artifact_folder, verify_manifest
+
+    folder = artifact_folder(out)
+    verify_manifest(folder, hashes=False)  # a wrong folder fails now, not after lm-eval's task index is read
+    names = [name.strip() for name in (tasks.split(",") if isinstance(tasks, str) else tasks) if name.strip()]
+    if not names:
+        raise EdgeCompressError("--tasks names no task (e.g. --tasks arc_easy,piqa)")
+    _check_task_settings(limit, num_fewshot, batch_size, include_path)
+    destination = Path(output) if output is not None else folder / LM_EVAL_FILE
+    if not destination.parent.is_dir() or not os.access(destination.parent, os.W_OK):
+        raise EdgeCompressError(f"cannot write the results to '{destination}': its folder is missing or read-only")
+    try:
+        import lm_eval  # noqa: F401 - the optional dependency, checked before anything runs
+    except ImportError as exc:
+        raise EdgeCompressError(f"--tasks needs lm-evaluation-harness ({first_line(exc)}): "
+                                f"{LM_EVAL_INSTALL_HINT}") from None
+    from edgecompress.runtimes.lm_eval_tasks import run_tasks
+
+    return run_tasks(folder, names, limit=limit, num_fewshot=num_fewshot,
+                     include_path=None if include_path is None else str(include_path), batch_size=batch_size,
+                     output=destination, threads=threads, providers=providers)
+
+
+def _check_task_settings(limit, num_fewshot, batch_size, include_path) -> None:
+    if limit is not None and limit <= 0:
+        raise EdgeCompressError("--limit must be at least 1 example per task")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise EdgeCompressError("--num-fewshot must be 0 or more")
+    if batch_size < 1:
+        raise EdgeCompressError("--batch-size must be at least 1")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EdgeCompressError(f"--include-path '{include_path}' is not a folder")
 
 
 def generate(

@@ -3,7 +3,8 @@
 The result is the PyTorch reference the compressed ONNX export must match: replaced Linears become
 two thin Linears (x @ Aᵀ, then @ Bᵀ + bias), or the MonarchLinear / BlastLinear modules computing what the
 export's MonarchMatMul / BlastMatMul nodes compute (so verification compares like with like), removed decoder layers are deleted and the remaining
-ones renumbered so the KV cache keeps one slot per remaining layer.
+ones renumbered so the KV cache keeps one slot per remaining layer. A factored tied embedding replaces
+embed_tokens and lm_head by one FactoredEmbedding (what FactorEmbeddingPass's graph computes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgecompress.attribution.embedding import install_factored_embedding, tied_embedding
 from edgecompress.attribution.layer_walker import decoder_layers
 from edgecompress.attribution.low_rank import install_low_rank
 from edgecompress.attribution.structured import install_structured
@@ -53,6 +55,13 @@ def _check_shapes(model, plan: CompressionPlan) -> None:
             linear.in_features,
         ):
             raise EdgeCompressError(f"plan's {linear.module} does not match this model's module")
+    if plan.embedding is not None:
+        embed_name, head_name, weight = tied_embedding(model)
+        wanted = (plan.embedding.module, plan.embedding.head, plan.embedding.vocab, plan.embedding.hidden)
+        if (embed_name, head_name, *weight.shape) != wanted:
+            raise EdgeCompressError(f"plan's factored embedding {plan.embedding.module} [{plan.embedding.vocab}, "
+                                    f"{plan.embedding.hidden}] does not match this model's {embed_name} "
+                                    f"{list(weight.shape)}")
 
 
 @torch.no_grad()
@@ -70,6 +79,8 @@ def apply_plan(model, plan: CompressionPlan, check_hash: bool = True):
             install_low_rank(model, linear.module, factors["A"], factors["B"], bias)
         else:
             install_structured(model, linear.module, linear.structure, factors, bias)
+    if plan.embedding is not None:
+        install_factored_embedding(model, plan.factors)
     if plan.removed_layers:
         remove_layers(model, plan.removed_layers)
     return model

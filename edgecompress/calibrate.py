@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edgecompress.errors import EdgeCompressError
-from edgecompress.options import SELF, check_calibration_size, is_self_spec, parse_self_spec
+from edgecompress.options import SELF, check_calibration_size, holdout_windows, is_self_spec, parse_self_spec
 from edgecompress.runtimes import text_sources
 from edgecompress.runtimes.text_sources import CALIBRATION, NoText, TextSource
 
@@ -33,6 +33,8 @@ class CalibrationSet:
     seed: int | None
     sampling: str = "start"
     extra: dict = field(default_factory=dict)  # how self-generated text was made; a fallback's reason
+    # Windows of the same source kept out of fitting: they stop refits early and choose their settings.
+    holdout_ids: "torch.Tensor | None" = None  # noqa: F821
 
     @property
     def n_sequences(self) -> int:
@@ -42,11 +44,27 @@ class CalibrationSet:
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def n_holdout(self) -> int:
+        return 0 if self.holdout_ids is None else int(self.holdout_ids.shape[0])
+
+    def split_holdout(self, n_holdout: int) -> "CalibrationSet":
+        """The last `n_holdout` windows become the held-out part (the windows are cut once, so fitting
+        and held-out windows never share a token when drawn from the start)."""
+        if n_holdout <= 0:
+            return self
+        if n_holdout >= self.n_sequences:
+            raise EdgeCompressError(f"{self.n_sequences} calibration windows cannot keep {n_holdout} out for validation")
+        self.input_ids, self.holdout_ids = self.input_ids[:-n_holdout], self.input_ids[-n_holdout:]
+        return self
+
     def content_hash(self) -> str:
         """sha256 of the exact token windows plus how they were drawn (generation settings included)."""
         digest = hashlib.sha256()
         digest.update(self.input_ids.contiguous().cpu().numpy().astype("<i8").tobytes())
         digest.update(f"{self.n_sequences}x{self.seq_len}|{self.sampling}|{self.seed}".encode())
+        if self.holdout_ids is not None:  # absent from older plans' hashes: same bytes for the same windows
+            digest.update(b"holdout" + self.holdout_ids.contiguous().cpu().numpy().astype("<i8").tobytes())
         digest.update(self.source_sha256.encode())
         # How self-generated text was made is part of its identity; why it was used (a fallback) is not.
         made = {key: value for key, value in self.extra.items() if key != "fallback"}
@@ -60,6 +78,7 @@ class CalibrationSet:
             "source": self.source,
             "source_sha256": self.source_sha256,
             "n_sequences": self.n_sequences,
+            "holdout_sequences": self.n_holdout,
             "seq_len": self.seq_len,
             "sampling": self.sampling,
             "seed": self.seed,
@@ -104,11 +123,18 @@ def windows_from_tokens(tokens, n_sequences: int, seq_len: int, sampling: str = 
 
 
 def from_text(source: TextSource, tokenizer, n_sequences: int, seq_len: int, seed: int | None = None,
-              sampling: str | None = None) -> CalibrationSet:
-    """Windows of one text; random offsets when a seed is given (or sampling="random")."""
+              sampling: str | None = None, holdout: int = 0) -> CalibrationSet:
+    """Windows of one text (the last `holdout` of them held out); random offsets when a seed is given
+    (or sampling="random")."""
     sampling = sampling or ("random" if seed is not None else "start")
-    input_ids = windows_from_tokens(_tokenize(tokenizer, source.text), n_sequences, seq_len, sampling, seed)
-    return CalibrationSet(input_ids, source.description, source.sha256, seed, sampling)
+    tokens = _tokenize(tokenizer, source.text)
+    available = len(tokens) // seq_len
+    if holdout and sampling == "start" and available < n_sequences:
+        raise EdgeCompressError(
+            f"calibration text has {len(tokens)} tokens: {available} windows of {seq_len}, too few for "
+            f"{n_sequences - holdout} fitting + {holdout} held-out windows (lower --calib-sequences or --calib-holdout)")
+    input_ids = windows_from_tokens(tokens, n_sequences, seq_len, sampling, seed)
+    return CalibrationSet(input_ids, source.description, source.sha256, seed, sampling).split_holdout(holdout)
 
 
 def build_calibration(
@@ -123,24 +149,30 @@ def build_calibration(
     generation_config=None,
     warn: Callable[[str], None] | None = None,
     device: str | None = None,
+    holdout: int | None = 0,
 ) -> CalibrationSet:
     """The calibration set for `source` (a file, `hf:` spec, `self[:N]`, or None for the defaults).
 
     With no text found anywhere, falls back to `self` (which needs `model`), calling `warn` with a
     one-line reason that is also recorded in the set's metadata (so in the plan and the report).
-    `device`: where self-generation runs (attribution's device; default: where the model is)."""
+    `device`: where self-generation runs (attribution's device; default: where the model is).
+    `holdout`: windows drawn after the fitting ones and kept out of fitting (CalibrationSet.holdout_ids);
+    None: options.holdout_windows' default."""
+    holdout = holdout_windows(n_sequences, holdout)
     if is_self_spec(source):
         count = parse_self_spec(source) or n_sequences
-        return self_generated(model, tokenizer, generation_config, count, seq_len, seed, device=device)
+        return self_generated(model, tokenizer, generation_config, count + holdout, seq_len, seed,
+                              device=device).split_holdout(holdout)
     found = text_sources.resolve(source, CALIBRATION)
     if not isinstance(found, NoText):
-        return from_text(found, tokenizer, n_sequences, seq_len, seed, sampling)
+        return from_text(found, tokenizer, n_sequences + holdout, seq_len, seed, sampling, holdout)
     message = f"{found.reason}: calibrating on {n_sequences} self-generated sequences (--calibration self)"
     if warn is not None:
         warn(message)
-    calib = self_generated(model, tokenizer, generation_config, n_sequences, seq_len, seed, device=device)
+    calib = self_generated(model, tokenizer, generation_config, n_sequences + holdout, seq_len, seed, device=device)
     calib.extra["fallback"] = message
-    return calib
+    return calib.split_holdout(holdout)
+
 
 
 def sampling_settings(generation_config) -> dict:

@@ -52,7 +52,7 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
-                 "torch.export", "onnxscript", "transformers", "datasets", "huggingface_hub"):
+                 "torch.export", "onnxscript", "transformers", "datasets", "huggingface_hub", "lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -164,6 +164,9 @@ def build(
     ),
     calib_sequences: int = typer.Option(options.DEFAULT_CALIB_SEQUENCES, help="Calibration sequences."),
     calib_seq_len: int = typer.Option(options.DEFAULT_CALIB_SEQ_LEN, help="Tokens per calibration sequence."),
+    calib_holdout: Optional[int] = typer.Option(
+        None, help="Calibration windows kept out of fitting: they stop the refit early and choose its step count "
+        f"(default {options.DEFAULT_CALIB_HOLDOUT}, at most one per 16 calibration sequences)."),
     seed: Optional[int] = typer.Option(
         None, help="Draw the calibration windows at random offsets with this seed (default: consecutive "
         "windows from the start); also seeds self-generated text (default 0).", show_default=False,
@@ -220,7 +223,7 @@ def build(
         report = api.build(
             model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
             method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
-            calib_seq_len=calib_seq_len, seed=seed, rho=rho, structure=structure, blocks=blocks, device=device,
+            calib_seq_len=calib_seq_len, calib_holdout=calib_holdout, seed=seed, rho=rho, structure=structure, blocks=blocks, device=device,
             eval_limit=eval_limit, eval_data=eval_data, weights=weights, block_size=block_size, fuse=fuse, max_memory_gb=max_memory,
             context=context, progress=stages,
         )
@@ -400,21 +403,41 @@ def eval_artifact(
         None, "--data", help="Text to score: a file or hf:DATASET[:CONFIG]:SPLIT[:FIELD]. Default: "
         "$EDGECOMPRESS_DATA/wiki.test.raw, else WikiText-2 test through the datasets library.", show_default=False,
     ),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N windows.", show_default=False),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N windows (with --tasks: the "
+                                        "first N examples of each task).", show_default=False),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per non-overlapping window."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Windows per onnxruntime call."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows (or, with --tasks, requests) per onnxruntime call."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads.", show_default=False),
     reference: Optional[Path] = typer.Option(
         None, "--reference", help="Also score this artifact (e.g. the dense build) on the same windows.",
         show_default=False,
     ),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", help="lm-evaluation-harness tasks instead of perplexity, comma-separated (arc_easy,piqa; "
+        "needs the eval extra). --limit is then examples per task.", show_default=False,
+    ),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (with --tasks; "
+                                              "default: each task's).", show_default=False),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="A folder of local lm-eval task "
+                                                "YAMLs (with --tasks).", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", help="Where --tasks writes lm-eval's results JSON "
+                                          "(default: OUT/lm_eval.json).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the result and its settings as JSON."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Perplexity of an artifact through onnxruntime (non-overlapping windows, mean next-token NLL)."""
+    """Perplexity of an artifact through onnxruntime (non-overlapping windows, mean next-token NLL), or
+    lm-evaluation-harness tasks with --tasks."""
     from edgecompress import api
 
+    if tasks is not None:
+        if data is not None or reference is not None:
+            raise EdgeCompressError("--data and --reference are for perplexity; --tasks reads each task's own data")
+        _eval_tasks(out, tasks, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
+                    batch_size=batch_size, output=output, threads=threads, as_json=as_json, quiet=quiet)
+        return
+    if num_fewshot is not None or include_path is not None or output is not None:
+        raise EdgeCompressError("--num-fewshot, --include-path and --output go with --tasks")
     result = api.eval(out, data, limit=limit, seq_len=seq_len, batch_size=batch_size, threads=threads,
                       reference=reference)
     for warning in result.get("warnings", []):
@@ -436,6 +459,29 @@ def eval_artifact(
     table.add_row("data", settings["data"])
     table.add_row("time", f"{result['seconds']['evaluate']:.1f} s ({result['tokens_per_second']:.0f} tokens/s)")
     out_console.print(table)
+
+
+def _eval_tasks(out: Path, tasks: str, *, as_json: bool, quiet: bool, **settings: Any) -> None:
+    """`eval --tasks`: lm-eval's tasks on the artifact, a table of (task, metric, value, stderr)."""
+    from edgecompress import api
+
+    with (err_console.status(f"lm-eval: {tasks}", spinner="dots") if not quiet else _NoStatus()):
+        result = api.evaluate_tasks(out, tasks, **settings)
+    for warning in result["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if as_json:
+        out_console.print_json(json.dumps(result))
+        return
+    if quiet:
+        out_console.print(result["output"], highlight=False)
+        return
+    table = Table("task", "metric", "value", "stderr", box=None, pad_edge=False)
+    for row in result["rows"]:
+        stderr = "" if row["stderr"] is None else f"± {row['stderr']:.4f}"
+        table.add_row(row["task"], row["metric"] + ("" if row["filter"] == "none" else f" ({row['filter']})"),
+                      f"{row['value']:.4f}", stderr)
+    out_console.print(table)
+    out_console.print(f"results: {result['output']} ({result['seconds']['evaluate']:.1f} s)", highlight=False)
 
 
 @app.command()

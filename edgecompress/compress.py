@@ -11,6 +11,11 @@ Methods (registered in edgecompress.options.METHODS; layer choice / action / bas
 - grasp-wre:      grasp-w, then an end-to-end refit: all replaced layers' factors jointly, so the
                   model's final normed hidden states match the dense model's (slower: it backpropagates
                   from the top of the model down to the lowest replaced layer).
+- grasp-wrk:      grasp-w, the layer-wise refit, then an end-to-end refit on the dense model's logits (KL),
+                  early-stopped on the calibration's held-out windows; 5 % of all parameters from the tied
+                  embedding (attribution/embedding.py) when the model has one. What `auto` resolves to.
+- grasp-wtk:      as grasp-wrk, but gradient-scored whitened groups, with the chosen layers' budget split
+                  across matrices by score per parameter (allocation "global").
 - shortgpt:       lowest BI, remove
 - svd:            all layers, replace, SVD of W,      largest σ, one rho for all matrices
 - svd-llm:        all layers, replace, whitened W L,  largest whitened σ, one rho for all matrices
@@ -33,6 +38,7 @@ The model is left as it came in: every swapped module, requires_grad flag and th
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -46,6 +52,7 @@ from edgecompress.attribution.layer_walker import (
     MLP_LINEARS,
     LayerWalker,
     decoder_layers,
+    record_stream,
     layer_linears,
     layer_prefix,
     set_submodule,
@@ -58,6 +65,7 @@ from edgecompress.attribution.svd_llm import input_grams, whitened_basis
 from edgecompress.calibrate import CalibrationSet
 from edgecompress.errors import EdgeCompressError
 from edgecompress.options import (
+    AUTO_METHODS,
     DEFAULT_METHOD,
     DEFAULT_RHO,
     DEFAULT_STRUCTURE,
@@ -67,12 +75,14 @@ from edgecompress.options import (
     check_rho,
     check_score_metric,
     check_structure,
+    resolve_method,
 )
 from edgecompress.plan import (
     CompressionPlan,
     LayerPlan,
     LinearPlan,
     count_for_ratio,
+    embedding_rank_for_share,
     low_rank_rank,
     low_rank_saving,
     model_weights_hash,
@@ -80,6 +90,7 @@ from edgecompress.plan import (
     structured_rank,
     uniform_rho_for_ratio,
 )
+from edgecompress.report import peak_rss_mb
 
 LAYER_SELECTIONS = ("bi", "angular")
 SCHEDULES = ("sequential", "joint")
@@ -87,15 +98,45 @@ SCHEDULES = ("sequential", "joint")
 # 64 steps at 1e-4 / 5e-4 and 128 at 1e-3 gave 53.8 / 52.4 / 51.2 from grasp-w's 58.4; end-to-end
 # 64 steps at 5e-4 gave 48.6.
 REFIT_DEFAULTS = {"layer": (128, 1e-3), "end-to-end": (64, 5e-4)}
+# The logit (KL) refit at most 128 steps, early-stopped on held-out windows: on smollm2-135m at 20 % with
+# 128 + 8 windows the held-out KL still fell at step 128 (0.475 -> 0.363), and 5e-4 beat 1e-3 on it (0.382;
+# bench/results/refit-lr.json).
+KL_REFIT_DEFAULTS = (128, 5e-4)
 WHITENINGS = ("original", "compressed")
 # Keep every layer's calibration input from the scoring pass when it fits in this many bytes
-# (16 x 512 tokens of a 30-layer d=576 model: 0.6 GB); above it, inputs are recomputed.
+# (16 x 512 tokens of a 30-layer d=576 model: 0.6 GB); above it, in float16 when that fits (128 windows:
+# 2.3 GB), until the layers are chosen: then only the chosen layers' inputs stay, in float32 (8 layers x
+# 128 x 512 tokens: 1.2 GB, at most CHOSEN_INPUT_CACHE_BYTES); else they are recomputed once, after choosing.
 LAYER_INPUT_CACHE_BYTES = 1 << 30
+HALF_INPUT_CACHE_BYTES = 5 << 29
+CHOSEN_INPUT_CACHE_BYTES = 2 << 30
 
 
 def _report(progress, stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
+
+
+class _StageTimer:
+    """Wraps a progress callback and sums the wall time between consecutive reports per stage ("refit layer
+    12" counts as "refit layer"), with the process's peak RSS so far at the stage's last report: where the
+    attribution's time and memory go, for the build report (not plan.json)."""
+
+    def __init__(self, progress):
+        self.progress, self.seconds, self.peak_mb = progress, {}, {}
+        self.last = time.perf_counter()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        key = re.sub(r"\s*\d+$", "", stage)
+        self.seconds[key] = self.seconds.get(key, 0.0) + now - self.last
+        self.peak_mb[key] = peak_rss_mb()
+        self.last = now
+        _report(self.progress, stage, done, total)
+
+    def stages(self) -> dict[str, dict]:
+        return {stage: {"seconds": round(seconds, 2), "peak_rss_mb_so_far": self.peak_mb[stage]}
+                for stage, seconds in self.seconds.items()}
 
 
 def _linear_params(linear, rho: float, structure: str, blocks: int | None) -> tuple[int, int]:
@@ -259,7 +300,7 @@ def _largest_sigma_layers(model, walker, chosen, spec, rho, builder, options, pr
                     a, b = builder.add(index, name, linear, basis, kept, summary)
                     if error_aware:
                         installed[key] = install_low_rank(model, key, a, b, basis.bias)
-            _report(progress, f"layer {index}", step + 1, len(chosen))
+            _report(progress, f"factors layer {index}", step + 1, len(chosen))
     finally:
         for key, original in installed.items():
             set_submodule(model, key, original)
@@ -295,9 +336,12 @@ def _attribution_layers(model, walker, chosen, spec, rho, builder, options, prog
 
             bases = {key: value[3] for key, value in targets.items()}
             sums = accumulated_sigma_gradients(walker, bases, start, inputs[start], step_progress)
+            scored = {key: group_scores(basis, sums[key], options["score_metric"])
+                      for key, (_, _, _, basis) in targets.items()}
+            ranks = _ranks(targets, scored, rho, spec.allocation)
             for key, (index, name, linear, basis) in targets.items():
-                scores = group_scores(basis, sums[key], options["score_metric"])
-                kept = top_indices(scores, low_rank_rank(linear.out_features, linear.in_features, rho))
+                scores = scored[key]
+                kept = top_indices(scores, ranks[key])
                 a, b = builder.add(index, name, linear, basis, kept, score_summary(scores, kept, options["score_metric"]))
                 # Later passes (shallower blocks) see this block compressed, as in GRASP.
                 installed[key] = install_low_rank(model, key, a, b, basis.bias)
@@ -307,53 +351,127 @@ def _attribution_layers(model, walker, chosen, spec, rho, builder, options, prog
             set_submodule(model, key, original)
 
 
-def _refit_targets(walker, chosen, scope):
-    """What the refit matches, from the dense model before any factor is installed: each chosen layer's
-    output on its dense input ("layer"), or the final normed states from the lowest chosen layer up."""
+def _ranks(targets: dict, scored: dict, rho: float, allocation: str) -> dict[str, int]:
+    """Kept groups per matrix: each matrix's rank for rho ("matrix"), or ("global") the same parameter budget
+    spent on the groups with the highest attribution score per parameter across all the matrices scored
+    together: |σ_k G_k| estimates the loss change of dropping group k, so scores compare across matrices."""
+    shapes = {key: (linear.out_features, linear.in_features) for key, (_, _, linear, _) in targets.items()}
+    ranks = {key: low_rank_rank(m, n, rho) for key, (m, n) in shapes.items()}
+    if allocation == "matrix":
+        return ranks
+    budget = sum((m + n) * ranks[key] for key, (m, n) in shapes.items())
+    full = {key: min(m, n, m * n // (m + n)) for key, (m, n) in shapes.items()}  # above it a factor saves nothing
+    order = sorted(((float(v) / sum(shapes[key]), key) for key, s in scored.items() for v in s.tolist()), reverse=True)
+    chosen = {key: 1 for key in shapes}  # every matrix keeps its best group: a rank-0 factor is no Linear
+    budget -= sum(sum(shape) for shape in shapes.values())
+    first = set()
+    for _, key in order:
+        if key not in first:  # the group already kept
+            first.add(key)
+            continue
+        cost = sum(shapes[key])
+        if chosen[key] < full[key] and budget >= cost:
+            chosen[key] += 1
+            budget -= cost
+    return chosen
+
+
+def _layer_targets(walker, chosen):
+    """Each chosen layer's dense output on its dense input, per batch (before any factor is installed); kept in
+    float16 when there are many windows (8 layers x 128 windows: 0.6 GB instead of 1.2)."""
+    half = walker.n_batches > 32
     with torch.no_grad():
         inputs = walker.dense_inputs(chosen)
-        if scope == "layer":
-            return {index: [walker.run_layer(index, h, batch) for batch, h in enumerate(inputs[index])]
-                    for index in chosen}, None
-        start = min(chosen)
-        return [walker.final_states(h, batch, start) for batch, h in enumerate(inputs[start])], inputs[start]
+        return {index: [_target(walker.run_layer(index, h, batch), half) for batch, h in enumerate(inputs[index])]
+                for index in chosen}
 
 
-def _refit(model, walker, chosen, builder, scope, options, progress) -> dict:
+def _target(hidden: torch.Tensor, half: bool) -> torch.Tensor:
+    return hidden.half() if half and float(hidden.abs().max()) < 6e4 else hidden
+
+
+def _end_to_end_objective(walker, chosen, loss):
+    """The dense model's final normed states from the lowest chosen layer up, as a refit Objective
+    (built before any factor is installed: the layers below stay dense, so the start inputs stay valid)."""
+    from edgecompress.attribution.refit import Objective
+
+    start = min(chosen)
+    with torch.no_grad():
+        _, inputs = next(walker.inputs([start], dense=True))
+        targets = walker.stream.final_states  # recorded with the stream (the same dense model)
+        if not targets:
+            targets = [walker.final_states(h, batch, start) for batch, h in enumerate(inputs)]
+    return Objective(walker, start, inputs, targets, loss)
+
+
+def _holdout_walker(model, calib, options):
+    if calib.holdout_ids is None:
+        return None
+    stream = record_stream(model, calib.holdout_ids.to(next(model.parameters()).device), options["batch_size"])
+    return LayerWalker(model, stream)
+
+
+def _install_builder_factors(model, builder, chosen) -> dict:
+    installed = {}
+    for index in chosen:
+        for record in builder.linears[index]:
+            key = record.module
+            bias = builder.factors.get(f"{key}.bias")
+            bias = None if bias is None else torch.as_tensor(bias)
+            if record.structure == "lowrank":
+                installed[key] = install_low_rank(model, key, builder.factors[f"{key}.A"], builder.factors[f"{key}.B"], bias)
+            else:
+                factors = {part: builder.factors[f"{key}.{part}"] for part in record.factor_names}
+                installed[key] = install_structured(model, key, record.structure, factors, bias)
+    return installed
+
+
+def _refit(model, walker, chosen, builder, spec, options, calib, progress, embedding: bool = False) -> dict:
     """Refit the chosen layers' factors in place of the ones the builder holds (model restored after).
 
-    scope "layer" (grasp-wr): each replaced layer matches the dense layer's output on the compressed model's
-    hidden states, bottom up (refit_layers). scope "end-to-end" (grasp-wre): all replaced layers jointly match the
-    dense model's final normed hidden states (refit_end_to_end; better here, ~3x the time).
+    "layer" (grasp-wr): each replaced layer matches the dense layer's output on the compressed model's hidden
+    states, bottom up (refit_layers). "end-to-end" (grasp-wre): all replaced layers jointly match the dense
+    model's final normed hidden states, or its logits (spec.refit_loss "kl"), with early stopping on the
+    calibration's held-out windows when it has them. "layer+end-to-end": the first as the second's start.
     """
     from edgecompress.attribution.refit import refit_end_to_end, refit_layers
 
-    targets, start_inputs = _refit_targets(walker, chosen, scope)
-    installed = {}
+    scopes = spec.refit.split("+")
+    layer_targets = _layer_targets(walker, chosen) if "layer" in scopes else None
+    objective = holdout = None
+    if "end-to-end" in scopes:
+        objective = _end_to_end_objective(walker, chosen, spec.refit_loss)
+        holdout_walker = _holdout_walker(model, calib, options)
+        if holdout_walker is not None:
+            holdout = _end_to_end_objective(holdout_walker, chosen, spec.refit_loss)
 
     def report_progress(stage, done, total):
         _report(progress, stage, done, total)
 
+    installed = _install_builder_factors(model, builder, chosen)
+    if embedding and objective is not None:
+        # The end-to-end refit sees the factored head (the layers learn around its error; the table's own
+        # factors stay as fitted: they also serve the lookup, which starts below the refit).
+        from edgecompress.attribution.embedding import install_factored_embedding
+
+        installed.update(install_factored_embedding(model, builder.factors))
+        for parameter in model.get_input_embeddings().parameters():
+            parameter.requires_grad_(False)
+    report = {}
     try:
-        for index in chosen:
-            for record in builder.linears[index]:
-                key = record.module
-                bias = builder.factors.get(f"{key}.bias")
-                bias = None if bias is None else torch.as_tensor(bias)
-                if record.structure == "lowrank":
-                    installed[key] = install_low_rank(
-                        model, key, builder.factors[f"{key}.A"], builder.factors[f"{key}.B"], bias)
-                else:
-                    factors = {part: builder.factors[f"{key}.{part}"] for part in record.factor_names}
-                    installed[key] = install_structured(model, key, record.structure, factors, bias)
-        steps, lr = options["refit_steps"], options["refit_lr"]
-        if scope == "layer":
-            report = refit_layers(walker, chosen, targets, steps, lr, progress=report_progress)
-            report = {str(index): values for index, values in report.items()}
-        else:
-            report = refit_end_to_end(walker, chosen, start_inputs, targets, steps, lr, progress=report_progress)
+        if layer_targets is not None:
+            steps, lr = options["refit_layer_steps"], options["refit_layer_lr"]
+            layers = refit_layers(walker, chosen, layer_targets, steps, lr, progress=report_progress)
+            report["layer"] = {str(index): values for index, values in layers.items()}
+            del layer_targets
+        if objective is not None:
+            report["end-to-end"] = refit_end_to_end(
+                walker, chosen, objective.start_inputs, objective.final_targets, options["refit_steps"],
+                options["refit_lr"], progress=report_progress, loss=spec.refit_loss, holdout=holdout)
         for key in installed:
             module = model.get_submodule(key)
+            if not hasattr(module, "plan_factors") and not hasattr(module, "a"):
+                continue  # the factored head: nothing trained
             trained = module.plan_factors() if hasattr(module, "plan_factors") else {"A": module.a.weight,
                                                                                      "B": module.b.weight}
             for part, tensor in trained.items():
@@ -361,7 +479,7 @@ def _refit(model, walker, chosen, builder, scope, options, progress) -> dict:
     finally:
         for key, original in installed.items():
             set_submodule(model, key, original)
-    return report
+    return report if len(scopes) > 1 else report[spec.refit]
 
 
 def _settings(method, spec, ratio, rho, options, chosen_rho=None) -> dict:
@@ -402,6 +520,8 @@ def make_plan(
     refit_lr: float | None = None,  # default: 1e-3 (grasp-wr), 5e-4 (grasp-wre)
     structure: str = DEFAULT_STRUCTURE,  # lowrank | monarch | blast
     blocks: int | None = None,  # Monarch/BLAST blocks (default options.DEFAULT_BLOCKS)
+    embedding_share: float | None = None,  # share of all parameters from a tied embedding (None: the method's)
+    exact_tokens: int = 2048,  # tokens whose embedding rows stay exact (the most frequent in the calibration)
 ) -> CompressionPlan:
     """Decide the compression of `model` on `calib` and return the plan (the model is unchanged).
 
@@ -411,6 +531,7 @@ def make_plan(
     structure / blocks: what replaced Linears become (Monarch / BLAST at the same parameter count).
     progress(stage, done, total) is called as work advances.
     """
+    requested, method = method, resolve_method(method, ratio)
     spec = check_method(method)
     if n_layers is None or spec.layers == "all":
         ratio = check_ratio(ratio)
@@ -420,7 +541,8 @@ def make_plan(
     options = _checked_options(spec, structure=structure, blocks=blocks, n_layers=n_layers, layer_selection=layer_selection, schedule=schedule,
                                score_metric=score_metric, rounding=rounding, protect_last_layer=protect_last_layer,
                                batch_size=batch_size, jitter=jitter, whitening=whitening, refit_steps=refit_steps,
-                               refit_lr=refit_lr)
+                               refit_lr=refit_lr, embedding_share=spec.embedding_share if embedding_share is None
+                               else embedding_share, exact_tokens=exact_tokens)
     started = time.perf_counter()
     model_hash = model_weights_hash(model)
     original_device = next(model.parameters()).device
@@ -429,15 +551,20 @@ def make_plan(
     model.to(device).eval()
     for parameter, _ in flags:
         parameter.requires_grad_(False)
+    timer = _StageTimer(progress)
     try:
-        plan = _make_plan(model, calib, method, spec, ratio, rho, options, progress)
+        plan = _make_plan(model, calib, method, spec, ratio, rho, options, timer)
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         model.to(original_device).train(was_training)
     plan.model_hash = model_hash
+    if requested != method:
+        plan.settings["method_requested"] = requested
+        plan.settings["auto_rule"] = [list(rule) for rule in AUTO_METHODS]
     # Wall time is reported by the caller, not stored in plan.json (same inputs, same bytes).
     plan.elapsed_seconds = time.perf_counter() - started
+    plan.attribute_stages = timer.stages()
     return plan
 
 
@@ -464,12 +591,17 @@ def _checked_options(spec: MethodSpec, refit_steps, refit_lr, **options) -> dict
         )
     check_score_metric(options["score_metric"])
     if spec.refit:
-        steps_default, lr_default = REFIT_DEFAULTS[spec.refit]
+        # refit_steps / refit_lr set the last scope (end-to-end when there is one); a layer-wise start keeps its own.
+        scopes = spec.refit.split("+")
+        steps_default, lr_default = KL_REFIT_DEFAULTS if spec.refit_loss == "kl" else REFIT_DEFAULTS[scopes[-1]]
         refit_steps = steps_default if refit_steps is None else refit_steps
         refit_lr = lr_default if refit_lr is None else refit_lr
         if refit_steps < 1 or not refit_lr > 0:
             raise EdgeCompressError(f"refit needs refit_steps >= 1 and refit_lr > 0, got {refit_steps}, {refit_lr}")
         options.update(refit_steps=refit_steps, refit_lr=refit_lr)
+        if "layer" in scopes:
+            layer_steps, layer_lr = (refit_steps, refit_lr) if scopes == ["layer"] else REFIT_DEFAULTS["layer"]
+            options.update(refit_layer_steps=layer_steps, refit_layer_lr=layer_lr)
     return options
 
 
@@ -478,14 +610,22 @@ def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> Com
     dense_total = sum(p.numel() for p in model.parameters())
     scores = _layer_scores(model, calib, spec, options, progress)
     walker = LayerWalker(model, scores.stream) if scores is not None else None
-    chosen_rho = None
+    chosen_rho = embedding = None
     if spec.layers == "all":
         chosen = list(range(len(layers)))
         shapes = [(lin.out_features, lin.in_features) for layer in layers for lin in layer_linears(layer).values()]
         chosen_rho = rho = uniform_rho_for_ratio(shapes, dense_total, ratio)
     else:
-        chosen = _choose_layers(model, scores, spec, ratio, rho, dense_total, options)
+        embedding = _embedding(model, calib, walker, ratio, dense_total, options)
+        if embedding is not None:
+            _report(progress, "embedding factors", 1, 1)
+        layer_ratio = ratio if embedding is None or ratio is None else ratio - embedding[0].saving / dense_total
+        chosen = _choose_layers(model, scores, spec, layer_ratio, rho, dense_total, options)
+    _cache_chosen_inputs(model, walker, chosen, spec)
+    _report(progress, "chosen layers' inputs", 1, 1)
     builder = _PlanBuilder(layer_prefix(model))
+    if embedding is not None:
+        builder.factors.update(embedding[1])
     removed = 0
     if spec.action == "remove":
         removed = sum(p.numel() for index in chosen for p in layers[index].parameters())
@@ -495,14 +635,64 @@ def _make_plan(model, calib, method, spec, ratio, rho, options, progress) -> Com
         _attribution_layers(model, walker, chosen, spec, rho, builder, options, progress)
     plan_scores = {}
     if spec.refit:
-        plan_scores["refit"] = _refit(model, walker, chosen, builder, spec.refit, options, progress)
+        plan_scores["refit"] = _refit(model, walker, chosen, builder, spec, options, calib, progress,
+                                      embedding is not None)
     if scores is not None:
         plan_scores["block_influence"] = scores.block_influence
         if options["layer_selection"] == "angular" and spec.layers == "chosen":
             plan_scores["angular_distance"] = {"block_size": len(chosen), "values": scores.angular_distances(len(chosen))}
     settings = _settings(method, spec, ratio, rho if chosen_rho is None else None, options, chosen_rho)
-    return _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio,
+    plan = _assemble_plan(model, calib, method, spec, chosen, builder, removed, plan_scores, settings, ratio,
                           dense_total)
+    if embedding is not None:
+        plan.embedding = embedding[0]
+        plan.params.update(removed=plan.params["removed"] + embedding[0].saving)
+        plan.params.update(after=dense_total - plan.params["removed"], achieved_ratio=plan.params["removed"] / dense_total)
+    return plan
+
+
+def _embedding(model, calib, walker, ratio, dense_total, options):
+    """(EmbeddingPlan, factors) of the tied table for the method's share of the budget (at most half the ratio),
+    from the calibration's token frequencies and the recorded final states; None without a share or a tie."""
+    from edgecompress.attribution.embedding import factor_embedding, tied_embedding
+
+    share = options["embedding_share"]
+    if not share or ratio is None or walker is None:
+        return None
+    try:
+        tied_embedding(model)
+    except EdgeCompressError:  # an untied head: the method's share goes back to the layers
+        options["embedding_share"] = 0.0
+        return None
+    share = min(share, ratio / 2)
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    # At most an eighth of the vocabulary stays exact (smollm2's 49,152: the 2,048 asked; a tiny test vocabulary
+    # keeps room to factor); a share the table cannot give at all goes back to the layers, as for an untied head.
+    exact = min(options["exact_tokens"], max(1, vocab // 8))
+    try:
+        embedding_rank_for_share(vocab, hidden, dense_total, share, exact)
+    except EdgeCompressError:
+        options["embedding_share"] = 0.0
+        return None
+    states = walker.stream.final_states
+    gram = sum((s.reshape(-1, s.shape[-1]).double().t() @ s.reshape(-1, s.shape[-1]).double()) for s in states)
+    tokens = sum(s.shape[0] * s.shape[1] for s in states)
+    return factor_embedding(model, calib.input_ids, share, exact, hidden_gram=gram, n_tokens=tokens)
+
+
+def _cache_chosen_inputs(model, walker, chosen, spec) -> None:
+    """Without the full dense cache, keep the chosen layers' dense inputs when they fit: every later stage
+    (Gram matrices, refit targets, walks) then starts there instead of re-running the model from the bottom."""
+    if walker is None or spec.action != "replace":
+        return
+    stream = walker.stream
+    if stream.layer_inputs is not None and stream.layer_inputs[0][0].dtype != stream.embeddings[0].dtype:
+        stream.keep_only(chosen, stream.embeddings[0].dtype)  # the float16 scoring cache: keep what is needed
+    if stream.layer_inputs is not None:
+        return
+    per_layer = sum(h.numel() * h.element_size() for h in stream.embeddings)
+    if per_layer * len(chosen) <= CHOSEN_INPUT_CACHE_BYTES:
+        walker.cache_dense(chosen)
 
 
 def _layer_scores(model, calib, spec, options, progress) -> LayerScores | None:
@@ -512,10 +702,12 @@ def _layer_scores(model, calib, spec, options, progress) -> LayerScores | None:
         return None
     input_ids = calib.input_ids.to(next(model.parameters()).device)
     stream_bytes = input_ids.numel() * model.config.hidden_size * 4 * len(decoder_layers(model))
+    full = stream_bytes <= LAYER_INPUT_CACHE_BYTES
+    half = not full and spec.action == "replace" and spec.layers == "chosen" and stream_bytes // 2 <= HALF_INPUT_CACHE_BYTES
     return layer_scores(
         model, input_ids, options["batch_size"],
         progress=lambda s, d, t: _report(progress, "layer scores", d, t),
-        keep_inputs=spec.action == "replace" and stream_bytes <= LAYER_INPUT_CACHE_BYTES,
+        keep_inputs=spec.action == "replace" and (full or half), keep_dtype=torch.float16 if half else None,
     )
 
 

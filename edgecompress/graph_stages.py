@@ -1,7 +1,8 @@
 """The graph stages of a build: which passes run, in which order, on one in-memory onnx-ir model.
 
 - `plan_passes(plan, custom_ops)`: the compression plan's layer replacement (low-rank splits, then layer
-  removal), on the fp32 export, before verification against PyTorch with the same plan applied; our
+  removal) and its factored tied embedding when it has one, on the fp32 export, before verification
+  against PyTorch with the same plan applied; our
   `ai.edgecompress` ops that the target does not enable are lowered to standard ONNX right after;
 - `optimize_passes(formats, gguf, fuse_low_rank)`: weight formats (exact GGUF blocks where they map, then
   round-to-nearest MatMulNBits for every other MatMul), the low-rank MatMul pairs fused into
@@ -26,6 +27,7 @@ import onnx_ir as ir
 
 from edgecompress.options import LOW_BIT_FORMATS, WeightFormats
 from edgecompress.passes import (
+    FactorEmbeddingPass,
     FuseGroupQueryAttentionPass,
     FuseLowRankPass,
     FuseOrtOpsPass,
@@ -59,11 +61,15 @@ class StagePasses(ir.passes.Sequential):
 
 
 def plan_passes(plan, custom_ops: tuple[str, ...] = ()) -> list[tuple[str | None, ir.passes.PassBase]]:
-    """Apply a CompressionPlan: SplitLowRankPass then RemoveLayersPass, composed; then lower the custom
-    ops the target does not enable (`custom_ops`: the ones it does)."""
+    """Apply a CompressionPlan: SplitLowRankPass then RemoveLayersPass, composed, and FactorEmbeddingPass when
+    the plan factors the tied embedding; then lower the custom ops the target does not enable (`custom_ops`:
+    the ones it does)."""
     from edgecompress.custom_ops import not_enabled
 
-    return [(None, ReplaceLayersPass.from_plan(plan)), (None, LowerCustomOpsPass(not_enabled(custom_ops)))]
+    passes: list[tuple[str | None, ir.passes.PassBase]] = [(None, ReplaceLayersPass.from_plan(plan))]
+    if getattr(plan, "embedding", None) is not None:
+        passes.append((None, FactorEmbeddingPass.from_plan(plan)))
+    return passes + [(None, LowerCustomOpsPass(not_enabled(custom_ops)))]
 
 
 def fuses_low_rank(custom_ops: tuple[str, ...], plan) -> bool:

@@ -27,7 +27,14 @@ class MethodSpec:
     action: str  # "replace" (low-rank Linears) | "remove" (the whole layer)
     basis: str = "weight"  # "weight": SVD of W | "whitened": SVD of W L (SVD-LLM)
     selection: str = "largest"  # "largest" singular values | "attribution" (gradient scores, GRASP)
-    refit: str | None = None  # "layer" | "end-to-end": a short refit of the chosen layers' factors
+    refit: str | None = None  # "layer" | "end-to-end" | "layer+end-to-end": a short refit of the chosen layers' factors
+    refit_loss: str = "hidden"  # end-to-end objective: "hidden" (final normed states, MSE) | "kl" (logits)
+    # How attribution splits the replaced layers' budget: each matrix at rho ("matrix"), or the groups with the
+    # best score per parameter across all matrices scored together ("global", same total parameters).
+    allocation: str = "matrix"
+    # Share of ALL parameters taken from a tied embedding (frequency-weighted, output-whitened factors with
+    # the most frequent tokens exact; attribution/embedding.py) before the layers get the rest of the budget.
+    embedding_share: float = 0.0
     summary: str = ""  # one line for --help
 
 
@@ -38,6 +45,11 @@ METHODS = {
                            summary="grasp-w plus a short layer-wise refit of the factors"),
     "grasp-wre": MethodSpec("chosen", "replace", "whitened", "largest", refit="end-to-end",
                             summary="grasp-w plus an end-to-end refit (slower)"),
+    "grasp-wrk": MethodSpec("chosen", "replace", "whitened", "largest", refit="layer+end-to-end", refit_loss="kl",
+                            embedding_share=0.05, summary="grasp-wr, then an end-to-end refit on the dense model's logits (KL)"),
+    "grasp-wtk": MethodSpec("chosen", "replace", "whitened", "attribution", refit="layer+end-to-end", refit_loss="kl",
+                            allocation="global", embedding_share=0.05, summary="gradient-scored whitened groups, the budget split across "
+                            "matrices by score, then layer-wise and logit (KL) refits"),
     "grasp-wt": MethodSpec("chosen", "replace", "whitened", "attribution",
                            summary="gradient-scored groups in the whitened basis"),
     "grasp-topsigma": MethodSpec("chosen", "replace", "weight", "largest", summary="ablation: GRASP's layers, largest sigma"),
@@ -45,15 +57,20 @@ METHODS = {
     "svd": MethodSpec("all", "replace", "weight", "largest", summary="plain SVD of every Linear"),
     "svd-llm": MethodSpec("all", "replace", "whitened", "largest", summary="SVD-LLM: whitened SVD of every Linear"),
 }
-DEFAULT_METHOD = "grasp"
+# The default: the method that kept the most quality at each ratio on bench/quality.py (smollm2-135m,
+# WikiText-2, rows in bench/results/quality.json), chosen by ratio; the plan records what it resolved to.
+AUTO = "auto"
+AUTO_METHODS = ((1.0, "grasp-wrk"),)  # (ratio up to, method), first match
+DEFAULT_METHOD = AUTO
 DEFAULT_RHO = 0.9  # fraction of each replaced matrix's parameters removed
 # What a replaced Linear becomes: low-rank factors, or Monarch / BLAST with as many parameters (the
 # ai.edgecompress ops). Four blocks divide every Linear of the Llama-family models we build (576, 192, 1536).
 STRUCTURES = ("lowrank", "monarch", "blast")
 DEFAULT_STRUCTURE = "lowrank"
 DEFAULT_BLOCKS = 4
-DEFAULT_CALIB_SEQUENCES = 16
+DEFAULT_CALIB_SEQUENCES = 128  # fitting windows; the first protocol used 16, 64-1000x fewer than published methods
 DEFAULT_CALIB_SEQ_LEN = 512
+DEFAULT_CALIB_HOLDOUT = 8  # held-out windows when none are asked: 8, or one per 16 fitting windows if fewer
 SELF = "self"  # --calibration self[:N]: text the model generates itself
 SCORE_METRICS = ("taylor", "gradient")  # |sigma * G| (GRASP) or |G|
 DEVICES = ("cpu", "cuda")
@@ -67,12 +84,25 @@ LOW_BIT_FORMATS = ("int8", "int4")
 
 
 def method_help() -> str:
-    return "; ".join(f"{name} ({spec.summary})" for name, spec in METHODS.items())
+    auto = ", ".join(f"{name} up to {limit:g}" for limit, name in AUTO_METHODS)
+    return f"{AUTO} (the default: by ratio, {auto}); " + "; ".join(
+        f"{name} ({spec.summary})" for name, spec in METHODS.items())
+
+
+def resolve_method(method: str, ratio: float | None) -> str:
+    """`auto` -> the method measured best at `ratio` (AUTO_METHODS); any other name is returned checked."""
+    if method != AUTO:
+        check_method(method)
+        return method
+    ratio = 0.0 if ratio is None else ratio
+    return next((name for limit, name in AUTO_METHODS if ratio <= limit), AUTO_METHODS[-1][1])
 
 
 def check_method(method: str) -> MethodSpec:
+    if method == AUTO:
+        return METHODS[resolve_method(AUTO, None)]
     if method not in METHODS:
-        raise EdgeCompressError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
+        raise EdgeCompressError(f"unknown method '{method}'; use one of {AUTO}, {', '.join(METHODS)}")
     return METHODS[method]
 
 
@@ -91,6 +121,23 @@ def check_rho(rho) -> float:
 def check_calibration_size(n_sequences: int, seq_len: int) -> None:
     if n_sequences < 1 or seq_len < 2:
         raise EdgeCompressError(f"need at least 1 calibration sequence of 2 tokens, got {n_sequences} x {seq_len}")
+
+
+def holdout_windows(n_sequences: int, holdout: int | None) -> int:
+    """The held-out window count: as asked (checked), or by default DEFAULT_CALIB_HOLDOUT, at most one per 16
+    fitting windows (a small calibration keeps all its windows for fitting)."""
+    if holdout is None:
+        return min(DEFAULT_CALIB_HOLDOUT, n_sequences // 16)
+    check_holdout(n_sequences, holdout)
+    return holdout
+
+
+def check_holdout(n_sequences: int, holdout: int) -> None:
+    if not isinstance(holdout, int) or holdout < 0:
+        raise EdgeCompressError(f"--calib-holdout must be 0 or a number of windows, got {holdout!r}")
+    if holdout and holdout >= n_sequences:
+        raise EdgeCompressError(
+            f"--calib-holdout {holdout} needs more fitting windows than that: --calib-sequences is {n_sequences}")
 
 
 def parse_self_spec(spec: str) -> int | None:
@@ -119,7 +166,7 @@ def check_structure(structure: str, blocks: int | None, method: str | None = Non
         return None
     if isinstance(blocks, bool) or (blocks is not None and (not isinstance(blocks, int) or blocks < 2)):
         raise EdgeCompressError(f"--blocks must be a whole number of at least 2, got {blocks!r}")
-    spec = METHODS.get(method) if method is not None else None
+    spec = METHODS.get(resolve_method(method, None)) if method is not None else None
     if spec is not None and (spec.action != "replace" or spec.selection != "largest"):
         raise EdgeCompressError(
             f"--structure {structure} needs a method that projects each weight (grasp-w, grasp-wr, grasp-wre, "
@@ -156,6 +203,7 @@ class CompressOptions:
     calibration: str | None = None  # file, hf: spec or self[:N]; None: runtimes.text_sources' order
     calib_sequences: int = DEFAULT_CALIB_SEQUENCES
     calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
+    calib_holdout: int | None = None  # windows after the fitting ones, kept out of fitting; None: holdout_windows
     seed: int | None = None  # None: windows from the start; a seed: random windows (and self-generation)
     rho: float = DEFAULT_RHO
     device: str = "cpu"
@@ -175,6 +223,7 @@ class CompressOptions:
         check_ratio(self.ratio)
         check_rho(self.rho)
         check_calibration_size(self.calib_sequences, self.calib_seq_len)
+        holdout_windows(self.calib_sequences, self.calib_holdout)
         check_device(self.device)
         if is_self_spec(self.calibration):
             parse_self_spec(self.calibration)

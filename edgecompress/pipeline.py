@@ -21,7 +21,14 @@ from typing import Any, Callable, Iterator
 
 from edgecompress import __version__, artifact, contract, custom_ops, models, profiles
 from edgecompress.errors import EdgeCompressError
-from edgecompress.options import DEFAULT_EVAL_WINDOWS, EVAL_SEQ_LEN, BuildOptions, CompressOptions, WeightFormats
+from edgecompress.options import (
+    DEFAULT_EVAL_WINDOWS,
+    EVAL_SEQ_LEN,
+    BuildOptions,
+    CompressOptions,
+    WeightFormats,
+    resolve_method,
+)
 from edgecompress.options import LOW_BIT_FORMATS, resolve_formats
 from edgecompress.profiles import BUILT_DTYPES, TargetProfile
 
@@ -172,7 +179,10 @@ def budget_stage(clock: StageClock, loaded, options: BuildOptions, inputs: Build
         return options.compress, check
     if inputs.profile.custom_ops:  # the compressed graph will use our ops: refuse before compressing
         custom_ops.library_file()
-    clock.warn(f"{check.summary()}: compressing with {check.compression.method} at ratio {check.picked_ratio:.2f}")
+    method = check.compression.method
+    resolved = resolve_method(method, check.picked_ratio)
+    method = method if resolved == method else f"{method} ({resolved})"
+    clock.warn(f"{check.summary()}: compressing with {method} at ratio {check.picked_ratio:.2f}")
     if inputs.eval_windows == 0 and options.eval_limit is None:  # compressed builds are measured by default
         from edgecompress.runtimes import text_sources
 
@@ -199,7 +209,7 @@ def plan_stage(clock: StageClock, loaded, compression: CompressOptions, saved_pl
         calib = build_calibration(
             compression.calibration, loaded.tokenizer, compression.calib_sequences, compression.calib_seq_len,
             compression.seed, model=loaded.model, generation_config=loaded.generation_config, warn=clock.warn,
-            device=compression.device,
+            device=compression.device, holdout=compression.calib_holdout,
         )
     with clock.stage("attribute") as note:
 
@@ -398,4 +408,7 @@ def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, p
 def _plan_summary(plan) -> dict[str, Any]:
     data = plan.to_json_dict()
     data.pop("factors_file", None)
+    stages = getattr(plan, "attribute_stages", None)  # set when this build made the plan (not a reused one)
+    if stages:
+        data["attribute_stages"] = stages
     return data

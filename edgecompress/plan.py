@@ -8,7 +8,10 @@ On disk a plan is a folder with
   `<module>.bias` [out] (only when the Linear has a bias), with y = (x @ A.T) @ B.T + bias; a structured
   Linear (`structure` monarch or blast, `blocks` b) stores `<module>.W1`/`.W2` or `.U`/`.S`/`.V` instead, in
   the layouts of `kernels/reference.py` (y = MonarchMatMul / BlastMatMul(x, ...) + bias). Plans written
-  before structures existed have no `structure` field and read as low-rank.
+  before structures existed have no `structure` field and read as low-rank;
+- with a factored tied embedding (`embedding` in plan.json, absent or null otherwise), `<embed>.exact` [K, d]
+  (the rows of the K exact tokens), `<embed>.a` [V-K, r], `<embed>.b` [r, d] (the other rows ≈ a·b) and
+  `<embed>.order` [V] int64 (token ids: the K exact ones first, then the rest ascending; an index, not parameters).
 
 This module is pure data plus the parameter arithmetic used to turn a ratio into a layer count;
 it needs numpy and safetensors but not torch (only `model_weights_hash` imports torch).
@@ -22,6 +25,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgecompress.contract import FACTORS_FILE, PLAN_FILE
 from edgecompress.errors import EdgeCompressError
 from edgecompress.options import check_ratio
@@ -31,6 +36,8 @@ PLAN_VERSION = 1
 LAYER_ACTIONS = ("keep", "replace", "remove")
 # Factor tensors per structure, in the op's input order (`<module>.<name>` in factors.safetensors).
 STRUCTURE_FACTORS = {"lowrank": ("A", "B"), "monarch": ("W1", "W2"), "blast": ("U", "S", "V")}
+# A factored tied embedding's tensors (`<embed module>.<name>`).
+EMBEDDING_FACTORS = ("exact", "a", "b", "order")
 
 
 # ---------------------------------------------------------------- parameter arithmetic
@@ -121,6 +128,50 @@ def structured_params(structure: str, out_features: int, in_features: int, rank:
     return params + blocks * blocks * rank if structure == "blast" else params
 
 
+def embedding_params(vocab: int, hidden: int, rank: int, exact_tokens: int) -> int:
+    """Parameters of a factored table: K exact rows x d, a [V-K, r], b [r, d] (the order index is not counted)."""
+    return exact_tokens * hidden + (vocab - exact_tokens) * rank + rank * hidden
+
+
+def embedding_saving(vocab: int, hidden: int, rank: int, exact_tokens: int) -> int:
+    """Parameters a factored tied table saves against the dense V x d (counted once: it is tied)."""
+    return vocab * hidden - embedding_params(vocab, hidden, rank, exact_tokens)
+
+
+def embedding_rank_for_share(vocab: int, hidden: int, total_params: int, share: float, exact_tokens: int) -> int:
+    """The largest rank whose factored table saves at least `share` of `total_params`:
+    r = floor((V·d − s·|θ| − K·d) / ((V − K) + d))."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share < 1.0:
+        raise EdgeCompressError(f"embedding share must be a fraction strictly between 0 and 1, got {share!r}")
+    if not (isinstance(exact_tokens, int) and 1 <= exact_tokens < vocab):
+        raise EdgeCompressError(f"exact tokens must be between 1 and {vocab - 1}, got {exact_tokens!r}")
+    rank = math.floor((vocab * hidden - share * total_params - exact_tokens * hidden) / (vocab - exact_tokens + hidden))
+    if rank < 1:
+        most = embedding_saving(vocab, hidden, 1, exact_tokens) / total_params
+        raise EdgeCompressError(f"embedding share {share:.3f} is out of reach: with {exact_tokens} exact tokens "
+                                f"the factored table removes at most {most:.3f} of the parameters")
+    return min(rank, vocab - exact_tokens, hidden)
+
+
+def _validate_embedding(embedding: "EmbeddingPlan", factors: dict) -> None:
+    v, d, r, k = embedding.vocab, embedding.hidden, embedding.rank, embedding.exact_tokens
+    if not (1 <= k < v and 1 <= r <= min(v - k, d)):
+        raise EdgeCompressError(f"plan embedding: rank {r} with {k} exact tokens does not fit a {v} x {d} table")
+    if (embedding.params_before, embedding.params_after) != (v * d, embedding_params(v, d, r, k)):
+        raise EdgeCompressError("plan embedding: its parameter counts disagree with its shapes")
+    if not factors:
+        return
+    names = [embedding.factor_key(name) for name in EMBEDDING_FACTORS]
+    missing = [name for name in names if name not in factors]
+    if missing:
+        raise EdgeCompressError(f"plan factors miss {', '.join(missing)}")
+    if any(tuple(factors[name].shape) != shape for name, shape in zip(names, embedding.factor_shapes())):
+        raise EdgeCompressError(f"plan factors of {embedding.module} have the wrong shape")
+    order = factors[embedding.factor_key("order")]
+    if order.dtype.kind not in "iu" or not (np.sort(order) == np.arange(v)).all():
+        raise EdgeCompressError(f"plan factor {embedding.factor_key('order')} is not a permutation of the vocabulary")
+
+
 def _validate_linear(linear: "LinearPlan", factors: dict) -> None:
     if linear.structure not in STRUCTURE_FACTORS:
         raise EdgeCompressError(f"plan {linear.module}: unknown structure {linear.structure!r}")
@@ -209,6 +260,37 @@ class LayerPlan:
 
 
 @dataclass
+class EmbeddingPlan:
+    """The tied embedding / lm_head table E [V, d] as K exact rows plus a·b for the other V−K rows (one set
+    of tensors for both uses). Fitted by attribution/embedding.py; rank from the budget share."""
+
+    module: str  # the embedding, e.g. "model.embed_tokens"
+    head: str  # the tied head, e.g. "lm_head"
+    vocab: int
+    hidden: int
+    rank: int
+    exact_tokens: int  # K
+    share: float | None  # target share of all parameters removed by the table (None: rank given)
+    params_before: int  # V·d (the tied table counted once)
+    params_after: int  # K·d + (V−K)·r + r·d
+    index_bytes: int  # the int64 token order, stored beside the factors (not parameters)
+    basis: str = "frequency-weighted, output-whitened"
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def saving(self) -> int:
+        return self.params_before - self.params_after
+
+    def factor_key(self, name: str) -> str:
+        return f"{self.module}.{name}"
+
+    def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of exact, a, b, order."""
+        v, d, r, k = self.vocab, self.hidden, self.rank, self.exact_tokens
+        return (k, d), (v - k, r), (r, d), (v,)
+
+
+@dataclass
 class CompressionPlan:
     method: str
     settings: dict
@@ -218,7 +300,9 @@ class CompressionPlan:
     model_hash: str
     calibration: dict  # CalibrationSet.describe()
     model: dict = field(default_factory=dict)  # architecture, num_hidden_layers, layer_prefix
-    factors: dict = field(default_factory=dict, repr=False)  # name -> np.float32 array (not in JSON)
+    # name -> np.float32 array, the embedding's order int64 (not in JSON)
+    factors: dict = field(default_factory=dict, repr=False)
+    embedding: EmbeddingPlan | None = None  # the factored tied embedding, when the plan has one
 
     # ------------------------------------------------------------ derived views
 
@@ -266,6 +350,8 @@ class CompressionPlan:
                 continue
             for linear in layer.linears:
                 _validate_linear(linear, self.factors)
+        if self.embedding is not None:
+            _validate_embedding(self.embedding, self.factors)
 
     # ------------------------------------------------------------ (de)serialization
 
@@ -282,6 +368,7 @@ class CompressionPlan:
             "params": self.params,
             "scores": self.scores,
             "layers": [asdict(layer) for layer in self.layers],
+            "embedding": None if self.embedding is None else asdict(self.embedding),
             "factors_file": FACTORS_FILE,
         }
 
@@ -299,6 +386,7 @@ class CompressionPlan:
                 )
                 for layer in data["layers"]
             ]
+            embedding = EmbeddingPlan(**data["embedding"]) if data.get("embedding") else None
         except (TypeError, KeyError) as exc:  # a field this version does not know, or one missing
             raise EdgeCompressError(f"plan.json has a layer this version cannot read: {exc}") from exc
         plan = cls(
@@ -310,6 +398,7 @@ class CompressionPlan:
             model_hash=data["model_hash"],
             calibration=data["calibration"],
             model=data.get("model", {}),
+            embedding=embedding,
             factors=factors or {},
         )
         if data.get("plan_hash") != plan.plan_hash:

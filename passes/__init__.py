@@ -9,6 +9,7 @@ if imported_by_folder_name(__name__):  # the clone is on sys.path: this is not e
 else:
     from edgecompress.passes.convert_float16 import ConvertFloat16Pass
     from edgecompress.passes.emulate_fp16_storage import EmulateFp16StoragePass
+    from edgecompress.passes.factor_embedding import FactorEmbeddingPass
     from edgecompress.passes.fuse_group_query_attention import FuseGroupQueryAttentionPass
     from edgecompress.passes.fuse_low_rank import FuseLowRankPass
     from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
@@ -25,6 +26,7 @@ else:
     __all__ = [
         "ConvertFloat16Pass",
         "EmulateFp16StoragePass",
+        "FactorEmbeddingPass",
         "FuseGroupQueryAttentionPass",
         "FuseLowRankPass",
         "FuseOrtOpsPass",

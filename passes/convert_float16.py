@@ -84,11 +84,16 @@ def _is_activation(value: ir.Value | None) -> bool:
 
 def lm_head_nodes(graph: ir.Graph) -> list[ir.Node]:
     """The MatMul (any flavour) producing the logits, the last MatMul of a decoder, and the data
-    movement between it and the output; empty when the logits come from something else."""
+    movement between it and the output; a factored tied head's nodes (FactorEmbeddingPass); empty
+    when the logits come from something else."""
+    from edgecompress.passes.factor_embedding import factored_head_nodes
+
     value = next((v for v in graph.outputs if v.name == "logits"), None)
     chain: list[ir.Node] = []
     while value is not None and value.producer() is not None:
         node = value.producer()
+        if node.op_type == "ScatterElements":
+            return chain + factored_head_nodes(graph, node)
         chain.append(node)
         if node.op_type in ("MatMul", "FusedMatMul", "MatMulNBits", "Gemm"):
             return chain

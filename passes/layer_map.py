@@ -154,6 +154,14 @@ def _relative_name(scope: str, root: str | None) -> str:
     return scope
 
 
+def module_of_class(node: ir.Node, class_suffix: str) -> str | None:
+    """The relative name of the innermost module on `node`'s stack whose class ends with `class_suffix`
+    (e.g. "Embedding" -> "model.embed_tokens"), or None."""
+    stack = module_stack(node)
+    depth = None if stack is None else stack.depth_of_class(class_suffix)
+    return None if depth is None else _relative_name(stack.scopes[depth], _root_prefix(stack))
+
+
 def build_layer_map(graph: ir.Graph) -> LayerMap:
     """Read the decoder layers and Linear modules of an exported graph."""
     layer_nodes: dict[int, list[ir.Node]] = {}

@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from edgecompress.passes.factor_embedding import FACTORED_MARK
 from edgecompress.passes.graph_edits import StatsResult, add_initializer, require_unfused
 from edgecompress.passes.layer_map import LOW_RANK_FACTOR_KEY, PassInputError, build_layer_map
 from edgecompress.passes.quantize_weights import KEEP_FLOAT_KEY, MatMulSite, NBitsWeight, replace_with_nbits
@@ -36,6 +37,7 @@ from edgecompress.passes.quantize_weights import KEEP_FLOAT_KEY, MatMulSite, NBi
 GGUF_BLOCK = 32
 KINDS = ("Q4_1", "Q8_0")
 Q4_1_FORMS = ("block_sum", "float_zero_point")
+FACTORED_HEAD_REASON = "the tied table is factored (FactorEmbeddingPass): the GGUF blocks are no longer its weight"
 
 
 @dataclasses.dataclass
@@ -113,9 +115,10 @@ class MapGgufWeightsPass(ir.passes.InPlacePass):
         stats = MapGgufWeightsStats(q4_1_form=self.q4_1_form)
         graph = model.graph
         linears = build_layer_map(graph).linears
+        factored = model.metadata_props.get(FACTORED_MARK) == "1"
         for module, blocks in self.blocks.items():
             site = linears.get(module)
-            reason = self._skip_reason(site, blocks)
+            reason = FACTORED_HEAD_REASON if factored and module == "lm_head" else self._skip_reason(site, blocks)
             if reason:
                 stats.skipped[module] = reason
                 continue

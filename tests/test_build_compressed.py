@@ -147,6 +147,8 @@ def test_compressed_build_on_a_machine_without_data(tiny_llama_dir, tmp_path):
     (["--calibration", "self:0"], "self:N"),
     (["--calibration", "hf:no-such-dataset:validation"], "cannot load dataset hf:no-such-dataset:validation"),
     (["--eval-data", "missing.txt", "--eval-limit", "2"], "evaluation text 'missing.txt' does not exist"),
+    (["--calib-sequences", "4", "--calib-holdout", "4"], "--calib-holdout 4 needs more fitting windows than that"),
+    (["--calib-holdout", "-1"], "--calib-holdout must be 0 or a number of windows"),
 ])
 def test_bad_data_sources_are_one_line_errors(tiny_llama_dir, tmp_path, args, fragment):
     result = run_cli("build", str(tiny_llama_dir), "--ratio", "0.2", "-o", "out", *args, cwd=tmp_path,

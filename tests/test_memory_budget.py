@@ -7,7 +7,7 @@ import pytest
 
 from edgecompress import api, memory_budget as mb, profiles
 from edgecompress.errors import EdgeCompressError
-from edgecompress.options import WeightFormats
+from edgecompress.options import DEFAULT_METHOD, WeightFormats, resolve_method
 from tests.helpers import assert_one_line_error, run_cli
 from tests.tiny_models import save_tiny_model
 from tests.test_build_compressed import CALIB, calibration_file, evaluation_file  # noqa: F401 (fixtures)
@@ -116,7 +116,8 @@ def test_a_build_over_budget_is_compressed_to_fit(calibration_file, evaluation_f
     assert memory["fits"] and memory["artifact"]["total_gb"] <= budget
     data = (tmp_path / "fit" / "model.onnx.data").stat().st_size + (tmp_path / "fit" / "model.onnx").stat().st_size
     assert memory["artifact"]["weights_gb"] == pytest.approx(data / 1e9, abs=1e-4)
-    assert report["verification"]["passed"] and any("compressing with grasp" in w for w in report["warnings"])
+    said = f"compressing with {DEFAULT_METHOD} ({resolve_method(DEFAULT_METHOD, memory['picked_ratio'])})"
+    assert report["verification"]["passed"] and any(said in w for w in report["warnings"]), report["warnings"]
 
 
 def test_the_cli_refuses_a_budget_nothing_fits_before_writing(tiny_llama_dir, tmp_path):

@@ -99,3 +99,16 @@ def tiny_qwen2(layers: int = 3, seed: int = 0, biased: tuple[str, ...] = ("q_pro
             for name in biased:
                 getattr(layer.self_attn, name).bias.normal_(0, 0.5)
     return model
+
+
+def tiny_mistral(layers: int = 3, seed: int = 0):
+    """A bare random Mistral (sliding-window attention config, no biases)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=16,
+    )
+    return MistralForCausalLM(config).eval()

@@ -51,7 +51,8 @@ class LayerScores:
 
 
 def layer_scores(
-    model, input_ids: torch.Tensor, batch_size: int = 1, progress=None, keep_inputs: bool = False
+    model, input_ids: torch.Tensor, batch_size: int = 1, progress=None, keep_inputs: bool = False,
+    keep_dtype: torch.dtype | None = None,
 ) -> LayerScores:
     """One no-grad forward pass: BI of every layer, last-token states, and the layer stream
     (with every layer's input when `keep_inputs`)."""
@@ -68,12 +69,13 @@ def layer_scores(
         cos = torch.nan_to_num(cos, nan=0.5)
         bi_sum[index] += float((1.0 - cos).double().sum())
         token_count[index] += cos.numel()
-        last_states[-1].append(h_in[:, -1].float().cpu())
+        last_states[-1].append(h_in[:, -1].float().cpu().clone())  # not a view: it would keep h_in alive
         if index == n_layers - 1:
-            last_states[-1].append(h_out[:, -1].float().cpu())
+            last_states[-1].append(h_out[:, -1].float().cpu().clone())
 
     stream = record_stream(
-        model, input_ids, batch_size=batch_size, on_layer=on_layer, progress=progress, keep_inputs=keep_inputs
+        model, input_ids, batch_size=batch_size, on_layer=on_layer, progress=progress, keep_inputs=keep_inputs,
+        keep_dtype=keep_dtype,
     )
     states = torch.cat([torch.stack(per_batch, dim=1) for per_batch in last_states], dim=0)
     return LayerScores(

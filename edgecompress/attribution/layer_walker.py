@@ -17,7 +17,7 @@ disk for the duration of `use` and offloads it after, and keeps cached activatio
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -80,10 +80,25 @@ class LayerStream:
     embeddings: list[torch.Tensor]  # input of layer 0, [b, T, d] per batch
     layer_kwargs: list[list[dict]]  # per batch, per layer: kwargs of the layer call
     layer_inputs: list[list[torch.Tensor]] | None = None  # per batch, per layer: the dense cache, when kept
+    final_states: list[torch.Tensor] | None = None  # per batch: the dense final normed state (what the head reads)
+    cached: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> dense input per batch (cache_dense)
 
     @property
     def n_batches(self) -> int:
         return len(self.input_ids)
+
+    def keep_only(self, wanted, dtype: torch.dtype) -> None:
+        """Drop the full per-layer cache, keeping the wanted layers' inputs (in `dtype`) as `cached`."""
+        if self.layer_inputs is None:
+            return
+        wanted = sorted(set(wanted))
+        for per_batch in self.layer_inputs:  # drop the rest first: the peak stays the half-precision cache
+            per_batch[:] = [h if index in wanted else None for index, h in enumerate(per_batch)]
+        for index in wanted:
+            self.cached[index] = [per_batch[index].to(dtype) for per_batch in self.layer_inputs]
+            for per_batch in self.layer_inputs:
+                per_batch[index] = None
+        self.layer_inputs = None
 
 
 def calibration_batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -104,14 +119,22 @@ class Placement:
         return hidden
 
 
+def _stored(hidden: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`hidden` in the cache's dtype, unless float16 would overflow it (a large residual stream stays as is)."""
+    if dtype is None or (dtype == torch.float16 and float(hidden.abs().max()) > 6e4):
+        return hidden
+    return hidden.to(dtype)
+
+
 @torch.no_grad()
 def record_stream(
     model, input_ids: torch.Tensor, batch_size: int = 1, on_layer=None, progress=None, keep_inputs: bool = False,
-    placement: Placement | None = None,
+    placement: Placement | None = None, keep_dtype: torch.dtype | None = None,
 ) -> LayerStream:
     """One forward pass over `input_ids`; `on_layer(index, h_in, h_out)` sees every layer.
     With `keep_inputs`, every layer's input is kept too (memory: L x n x T x d values), which
-    saves re-running the lower layers later."""
+    saves re-running the lower layers later; `keep_dtype` stores them in another dtype (float16 halves the
+    cache; `LayerStream.keep_only` turns the wanted layers back into the compute dtype)."""
     placement = placement or Placement()
     layers = decoder_layers(model)
     device = next(model.parameters()).device
@@ -126,7 +149,7 @@ def record_stream(
             current["kwargs"][index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             current["inputs"][index] = hidden
             if keep_inputs:
-                current["kept"].append(placement.store(hidden.detach()))
+                current["kept"].append(placement.store(_stored(hidden.detach(), keep_dtype)))
 
         return hook
 
@@ -141,13 +164,15 @@ def record_stream(
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook(index), with_kwargs=True))
-    stream = LayerStream([], [], [], [] if keep_inputs else None)
+    stream = LayerStream([], [], [], [] if keep_inputs else None, [])
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # no LM head: nothing reads logits
     batches = calibration_batches(input_ids, batch_size)
     try:
         for number, batch in enumerate(batches):
             current.update(kwargs={}, inputs={}, kept=[])
             batch = batch.to(device)
-            model(input_ids=batch, use_cache=False)
+            output = base(input_ids=batch, use_cache=False)
+            stream.final_states.append(output.last_hidden_state.detach())
             stream.input_ids.append(batch)
             stream.embeddings.append(current["embeddings"])
             stream.layer_kwargs.append([current["kwargs"][i] for i in range(len(layers))])
@@ -197,12 +222,30 @@ class LayerWalker:
             for index in wanted:
                 yield index, [per_batch[index] for per_batch in self.stream.layer_inputs]
             return
+        if dense and wanted and all(index in self.stream.cached for index in wanted):
+            for index in wanted:
+                yield index, self.stream.cached[index]
+            return
         hidden, position = list(self.stream.embeddings), 0
+        if wanted and wanted[0] in self.stream.cached:
+            # Start from the dense input of the lowest wanted layer: every method changes only the layers it
+            # chose, none below the lowest of them, so the layers below are still dense.
+            hidden, position = list(self.stream.cached[wanted[0]]), wanted[0]
+        elif wanted and self.stream.layer_inputs is not None:
+            hidden, position = [per_batch[wanted[0]] for per_batch in self.stream.layer_inputs], wanted[0]
         for index in wanted:
             with torch.no_grad():
                 hidden = [self.run(h, batch, position, index) for batch, h in enumerate(hidden)]
             position = index
             yield index, hidden
+
+    @torch.no_grad()
+    def cache_dense(self, wanted) -> None:
+        """Keep the dense input of each wanted layer (one pass up to the highest), so later walks start there
+        instead of at the embeddings: call it before any wanted layer is changed."""
+        wanted = sorted(set(wanted) - set(self.stream.cached))
+        if wanted:
+            self.stream.cached.update(dict(self.inputs(wanted, dense=True)))
 
     def dense_inputs(self, wanted) -> dict[int, list[torch.Tensor]]:
         """Every wanted layer's dense input at once (call it before any of them is changed)."""

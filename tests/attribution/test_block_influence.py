@@ -96,3 +96,16 @@ def test_cached_layer_inputs_equal_recomputed_ones(model_and_ids):
     stepped = LayerWalker(model, layer_scores(model, ids, keep_inputs=False).stream).dense_inputs([1, 4])
     for index in (1, 4):
         assert torch.allclose(cached[index][0], stepped[index][0], atol=1e-6)
+
+
+def test_half_precision_cache_keeps_the_chosen_layers_close_to_recomputed_ones(model_and_ids):
+    model, ids = model_and_ids
+    stream = layer_scores(model, ids, keep_inputs=True, keep_dtype=torch.float16).stream
+    assert stream.layer_inputs[0][1].dtype == torch.float16
+    stream.keep_only([1, 3], torch.float32)
+    assert stream.layer_inputs is None and sorted(stream.cached) == [1, 3]
+    exact = LayerWalker(model, layer_scores(model, ids).stream).dense_inputs([1, 3])
+    kept = LayerWalker(model, stream).dense_inputs([1, 3])
+    for index in (1, 3):
+        for a, b in zip(kept[index], exact[index]):
+            assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=2e-3, atol=1e-3)
