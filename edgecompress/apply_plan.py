@@ -14,7 +14,6 @@ from torch import nn
 
 from edgecompress.attribution.embedding import install_factored_embedding, tied_embedding
 from edgecompress.attribution.layer_walker import decoder_layers
-from edgecompress.attribution.low_rank import install_low_rank
 from edgecompress.attribution.structured import install_structured
 from edgecompress.errors import EdgeCompressError
 from edgecompress.plan import CompressionPlan, model_weights_hash
@@ -75,10 +74,7 @@ def apply_plan(model, plan: CompressionPlan, check_hash: bool = True):
     for linear in plan.low_rank_linears():
         factors = {part: plan.factors[f"{linear.module}.{part}"] for part in linear.factor_names}
         bias = plan.factors.get(f"{linear.module}.bias") if linear.has_bias else None
-        if linear.structure == "lowrank":
-            install_low_rank(model, linear.module, factors["A"], factors["B"], bias)
-        else:
-            install_structured(model, linear.module, linear.structure, factors, bias)
+        install_structured(model, linear.module, linear.structure, factors, bias)
     if plan.embedding is not None:
         install_factored_embedding(model, plan.factors)
     if plan.removed_layers:

@@ -22,7 +22,7 @@ Methods (registered in edgecompress.options.METHODS; layer choice / action / bas
 
 Structures (structure="lowrank" by default; "monarch" / "blast" with `blocks` blocks, for methods that keep
 the largest singular values): each replaced Linear gets the parameters its low-rank rank would give it
-(plan.structured_rank) and the projection of its weight onto the structure (attribution/structured.py): for
+(structures.Structure.rank_for) and the projection of its weight onto the structure (attribution/structured.py): for
 whitened methods Monarch in each input block's whitened space and BLAST on the full calibration Gram, in plain
 Frobenius norm otherwise; grasp-wr / grasp-wre refit those factors as they refit low-rank ones. The layers
 are chosen by BI as for low-rank.
@@ -58,7 +58,7 @@ from edgecompress.attribution.layer_walker import (
     set_submodule,
 )
 from edgecompress.attribution.low_rank import install_low_rank
-from edgecompress.attribution.structured import FACTOR_NAMES, install_structured, project_blast, project_monarch
+from edgecompress.attribution.structured import install_structured
 from edgecompress.attribution.singular_basis import SingularBasis, score_summary, top_indices
 from edgecompress.attribution.svd import largest_sigma, weight_basis
 from edgecompress.attribution.svd_llm import input_grams, whitened_basis
@@ -86,11 +86,10 @@ from edgecompress.plan import (
     low_rank_rank,
     low_rank_saving,
     model_weights_hash,
-    structured_params,
-    structured_rank,
     uniform_rho_for_ratio,
 )
 from edgecompress.report import peak_rss_mb
+from edgecompress.structures import STRUCTURES
 
 LAYER_SELECTIONS = ("bi", "angular")
 SCHEDULES = ("sequential", "joint")
@@ -142,8 +141,9 @@ class _StageTimer:
 def _linear_params(linear, rho: float, structure: str, blocks: int | None) -> tuple[int, int]:
     """(rank, factor parameters) of one replaced Linear: the low-rank rank for rho, or the structure's."""
     m, n = linear.out_features, linear.in_features
-    rank = structured_rank(structure, m, n, low_rank_rank(m, n, rho), blocks)
-    return rank, structured_params(structure, m, n, rank, blocks)
+    entry = STRUCTURES[structure]
+    rank = entry.rank_for(m, n, low_rank_rank(m, n, rho), blocks)
+    return rank, entry.params(m, n, rank, blocks)
 
 
 def _layer_saving(layer, spec: MethodSpec, rho: float, options) -> int:
@@ -216,11 +216,9 @@ class _PlanBuilder:
         `gram` is given); records it and returns its factors by name and its bias."""
         rank, params = _linear_params(linear, rho, structure, blocks)
         weight = linear.weight.detach().double().t()  # [in, out]: the reference layout
-        if structure == "monarch":
-            arrays = project_monarch(weight, blocks, rank, gram, jitter)
-        else:
-            arrays = project_blast(weight, blocks, rank, gram, jitter)
-        factors = dict(zip(FACTOR_NAMES[structure], arrays))
+        entry = STRUCTURES[structure]
+        arrays = entry.project()(weight, blocks, rank, gram, jitter)
+        factors = dict(zip(entry.factor_names, arrays))
         record = LinearPlan(
             name=name, module=f"{self.prefix}.{index}.{name}", in_features=linear.in_features,
             out_features=linear.out_features, rank=rank, kept_indices=[], has_bias=linear.bias is not None,
@@ -241,12 +239,10 @@ def _projection_errors(weight, structure: str, factors: dict, gram) -> dict:
     """Relative error of the projection in Frobenius norm, and on the calibration inputs when whitened."""
     from edgecompress.kernels.reference import dense_weight
 
-    op = {"monarch": "MonarchMatMul", "blast": "BlastMatMul"}[structure]
-    approx = torch.as_tensor(dense_weight(op, *(f.cpu().numpy() for f in factors.values())), dtype=torch.float64)
+    entry = STRUCTURES[structure]
+    approx = torch.as_tensor(dense_weight(entry.op, *(f.cpu().numpy() for f in factors.values())), dtype=torch.float64)
     delta = approx - weight.cpu()
-    projection = {"monarch": "blockwise SVD", "blast": "ALS"}[structure]
-    if gram is not None:
-        projection += " (block-whitened)" if structure == "monarch" else " (full Gram)"
+    projection = entry.projection_name(whitened=gram is not None)
     summary = {"metric": "relative_error", "projection": projection, "frobenius": float(delta.norm() / weight.norm())}
     if gram is not None:
         gram = gram.cpu().double()
@@ -287,7 +283,7 @@ def _largest_sigma_layers(model, walker, chosen, spec, rho, builder, options, pr
                 grams = input_grams(walker, index, linears, hidden) if spec.basis == "whitened" else None
                 for name, linear in linears.items():
                     key = f"{builder.prefix}.{index}.{name}"
-                    if options["structure"] != "lowrank":
+                    if STRUCTURES[options["structure"]].blocked:
                         gram = grams[name] if grams is not None else None
                         factors, bias = builder.add_structured(index, name, linear, options["structure"],
                                                                options["blocks"], rho, gram, options["jitter"])
@@ -418,11 +414,8 @@ def _install_builder_factors(model, builder, chosen) -> dict:
             key = record.module
             bias = builder.factors.get(f"{key}.bias")
             bias = None if bias is None else torch.as_tensor(bias)
-            if record.structure == "lowrank":
-                installed[key] = install_low_rank(model, key, builder.factors[f"{key}.A"], builder.factors[f"{key}.B"], bias)
-            else:
-                factors = {part: builder.factors[f"{key}.{part}"] for part in record.factor_names}
-                installed[key] = install_structured(model, key, record.structure, factors, bias)
+            factors = {part: builder.factors[f"{key}.{part}"] for part in record.factor_names}
+            installed[key] = install_structured(model, key, record.structure, factors, bias)
     return installed
 
 
@@ -570,7 +563,7 @@ def make_plan(
 
 def _check_blocks_divide(model, structure: str, blocks: int | None) -> None:
     """Every Linear a structured plan may replace must split into `blocks` x `blocks` equal blocks."""
-    if structure == "lowrank":
+    if not STRUCTURES[structure].blocked:
         return
     for index, layer in enumerate(decoder_layers(model)):
         for name, linear in layer_linears(layer).items():

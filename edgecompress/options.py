@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgecompress import structures
 from edgecompress.errors import EdgeCompressError
 
 if TYPE_CHECKING:
@@ -65,8 +66,8 @@ DEFAULT_METHOD = AUTO
 DEFAULT_RHO = 0.9  # fraction of each replaced matrix's parameters removed
 # What a replaced Linear becomes: low-rank factors, or Monarch / BLAST with as many parameters (the
 # ai.edgecompress ops). Four blocks divide every Linear of the Llama-family models we build (576, 192, 1536).
-STRUCTURES = ("lowrank", "monarch", "blast")
-DEFAULT_STRUCTURE = "lowrank"
+STRUCTURES = tuple(structures.STRUCTURES)  # edgecompress/structures.py holds each one's facts
+DEFAULT_STRUCTURE = structures.LOWRANK.name
 DEFAULT_BLOCKS = 4
 DEFAULT_CALIB_SEQUENCES = 128  # fitting windows; the first protocol used 16, 64-1000x fewer than published methods
 DEFAULT_CALIB_SEQ_LEN = 512
@@ -158,11 +159,10 @@ def check_structure(structure: str, blocks: int | None, method: str | None = Non
     """The block count a structure uses (DEFAULT_BLOCKS when not given; None for low-rank), refusing what
     cannot be built: an unknown structure, blocks with low-rank, fewer than 2 blocks, or a structure with a
     method whose factors are not projections of the weight (removal; gradient-scored singular groups)."""
-    if structure not in STRUCTURES:
-        raise EdgeCompressError(f"unknown structure '{structure}'; use one of {', '.join(STRUCTURES)}")
-    if structure == "lowrank":
+    if not structures.get(structure).blocked:
         if blocks is not None:
-            raise EdgeCompressError("--blocks applies to --structure monarch or blast, not lowrank")
+            blocked = " or ".join(name for name, entry in structures.STRUCTURES.items() if entry.blocked)
+            raise EdgeCompressError(f"--blocks applies to --structure {blocked}, not {structure}")
         return None
     if isinstance(blocks, bool) or (blocks is not None and (not isinstance(blocks, int) or blocks < 2)):
         raise EdgeCompressError(f"--blocks must be a whole number of at least 2, got {blocks!r}")

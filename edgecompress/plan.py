@@ -30,12 +30,11 @@ import numpy as np
 from edgecompress.contract import FACTORS_FILE, PLAN_FILE
 from edgecompress.errors import EdgeCompressError
 from edgecompress.options import check_ratio
+from edgecompress.structures import LOWRANK, STRUCTURES
 
 PLAN_FORMAT = "edgecompress.plan"
 PLAN_VERSION = 1
 LAYER_ACTIONS = ("keep", "replace", "remove")
-# Factor tensors per structure, in the op's input order (`<module>.<name>` in factors.safetensors).
-STRUCTURE_FACTORS = {"lowrank": ("A", "B"), "monarch": ("W1", "W2"), "blast": ("U", "S", "V")}
 # A factored tied embedding's tensors (`<embed module>.<name>`).
 EMBEDDING_FACTORS = ("exact", "a", "b", "order")
 
@@ -109,25 +108,6 @@ def uniform_rho_for_ratio(
     return high
 
 
-def structured_rank(structure: str, out_features: int, in_features: int, rank: int, blocks: int | None) -> int:
-    """The rank a structure gets for the parameters of a low-rank rank `rank` (equal parameter counts):
-    Monarch channels R = rank rounded to the nearest multiple of b (ties down, at least b, at most b·min(p, q));
-    BLAST rank floor(rank·(K+N) / (K+N+b²)), at least 1, at most min(K, N)."""
-    if structure == "lowrank":
-        return rank
-    m, n, b = out_features, in_features, blocks
-    if structure == "monarch":
-        multiple = (2 * rank + b - 1) // (2 * b)  # round(rank / b), a tie going down
-        return b * max(1, min(multiple, min(m, n) // b))
-    return max(1, min((rank * (m + n)) // (m + n + b * b), m, n))
-
-
-def structured_params(structure: str, out_features: int, in_features: int, rank: int, blocks: int | None) -> int:
-    """Factor parameters of one Linear (bias excluded): R·(K+N) for low-rank and Monarch, r·(K+N)+b²·r for BLAST."""
-    params = rank * (out_features + in_features)
-    return params + blocks * blocks * rank if structure == "blast" else params
-
-
 def embedding_params(vocab: int, hidden: int, rank: int, exact_tokens: int) -> int:
     """Parameters of a factored table: K exact rows x d, a [V-K, r], b [r, d] (the order index is not counted)."""
     return exact_tokens * hidden + (vocab - exact_tokens) * rank + rank * hidden
@@ -173,9 +153,9 @@ def _validate_embedding(embedding: "EmbeddingPlan", factors: dict) -> None:
 
 
 def _validate_linear(linear: "LinearPlan", factors: dict) -> None:
-    if linear.structure not in STRUCTURE_FACTORS:
+    if linear.structure not in STRUCTURES:
         raise EdgeCompressError(f"plan {linear.module}: unknown structure {linear.structure!r}")
-    if linear.structure == "lowrank":
+    if not STRUCTURES[linear.structure].blocked:
         if len(linear.kept_indices) != linear.rank:
             raise EdgeCompressError(f"plan {linear.module}: rank and kept indices disagree")
     elif not (isinstance(linear.blocks, int) and linear.blocks >= 1 and linear.in_features % linear.blocks == 0
@@ -232,23 +212,17 @@ class LinearPlan:
     action: str = "low_rank"
     basis: str = "weight"  # "weight": SVD of W; "whitened": SVD of W L (SVD-LLM)
     scores: dict = field(default_factory=dict)  # summary of the group scores
-    structure: str = "lowrank"  # lowrank | monarch | blast
+    structure: str = LOWRANK.name  # a key of edgecompress.structures.STRUCTURES
     blocks: int | None = None  # b, for monarch and blast
     params: int | None = None  # factor parameters (bias excluded); None in plans written before structures
 
     @property
     def factor_names(self) -> tuple[str, ...]:
-        return STRUCTURE_FACTORS[self.structure]
+        return STRUCTURES[self.structure].factor_names
 
     def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
         """The shapes its factors must have, in `factor_names` order."""
-        k, n, r = self.in_features, self.out_features, self.rank
-        if self.structure == "lowrank":
-            return (r, k), (n, r)
-        b = self.blocks
-        if self.structure == "monarch":
-            return (b, k // b, r), (b, r, n // b)
-        return (b, r, n // b), (b, b, r), (b, k // b, r)
+        return STRUCTURES[self.structure].factor_shapes(self.out_features, self.in_features, self.rank, self.blocks)
 
 
 @dataclass

@@ -131,3 +131,5 @@ def dense_weight(op: str, *factors: np.ndarray) -> np.ndarray:
 
 
 REFERENCES = {"LowRankMatMul": low_rank_matmul, "MonarchMatMul": monarch_matmul, "BlastMatMul": blast_matmul}
+# The blocked ops' factor shape checks: (blocks, K per block, rank, N per block) from the factor shapes.
+BLOCK_SHAPES = {"MonarchMatMul": monarch_shapes, "BlastMatMul": blast_shapes}

@@ -28,13 +28,9 @@ import onnx_ir as ir
 from edgecompress.kernels.reference import DOMAIN, OPS
 from edgecompress.passes.graph_edits import StatsResult, add_initializer, check_no_dangling_values
 from edgecompress.passes.layer_map import LOW_RANK_FACTOR_KEY, PassInputError
+from edgecompress.structures import BY_OP
 
 MIN_OPSET = 17  # Shape(start, end) and ReduceSum's axes input are older; 17 is what our exports use
-_INPUT_NAMES = {
-    "LowRankMatMul": ("X", "A", "B"),
-    "MonarchMatMul": ("X", "W1", "W2"),
-    "BlastMatMul": ("X", "U", "S", "V"),
-}
 
 
 @dataclasses.dataclass
@@ -83,7 +79,7 @@ class LowerCustomOpsPass(ir.passes.InPlacePass):
             if node.op_type not in self.ops:
                 kept[node.op_type] += 1
                 continue
-            _LOWERINGS[node.op_type](_Builder(graph, node), *node.inputs)
+            BY_OP[node.op_type].lower()(_Builder(graph, node), *node.inputs)
             lowered[node.op_type] += 1
         removed = False
         if not any(node.domain == DOMAIN for node in graph) and DOMAIN in graph.opset_imports:
@@ -96,7 +92,7 @@ class LowerCustomOpsPass(ir.passes.InPlacePass):
 
 def _check_inputs(node: ir.Node) -> None:
     """Weights must have static shapes: block counts and ranks are read from them."""
-    names = _INPUT_NAMES[node.op_type]
+    names = ("X", *BY_OP[node.op_type].factor_names)
     inputs = list(node.inputs)
     if len(inputs) not in (len(names), len(names) + 1) or any(value is None for value in inputs[: len(names)]):
         raise PassInputError(f"{node.op_type} node {node.name!r} has {len(inputs)} inputs, expected {', '.join(names)}[, bias]")
@@ -182,4 +178,3 @@ def _lower_blast(build: _Builder, x, u, s, v, bias=None) -> None:
     build.finish(build.from_blocks(build.op("MatMul", z, u), blocks * per_out), bias)
 
 
-_LOWERINGS = {"LowRankMatMul": _lower_low_rank, "MonarchMatMul": _lower_monarch, "BlastMatMul": _lower_blast}

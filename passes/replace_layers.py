@@ -16,6 +16,7 @@ from edgecompress.passes.layer_map import PassInputError, build_layer_map
 from edgecompress.passes.remove_layers import RemoveLayersPass
 from edgecompress.passes.split_low_rank import Factors, SplitLowRankPass
 from edgecompress.passes.split_structured import SplitStructuredPass, StructuredFactors
+from edgecompress.structures import LOWRANK, STRUCTURES
 
 
 @dataclasses.dataclass
@@ -55,7 +56,7 @@ class ReplaceLayersPass(ir.passes.InPlacePass):
                 continue
             factors = replaced.setdefault(layer.index, {})
             for linear in layer.linears:
-                if getattr(linear, "structure", "lowrank") != "lowrank":
+                if STRUCTURES[getattr(linear, "structure", LOWRANK.name)].blocked:
                     arrays = tuple(plan.factors.get(f"{linear.module}.{part}") for part in linear.factor_names)
                     if any(array is None for array in arrays):
                         raise PassInputError(f"plan factors miss {linear.module}.{'/.'.join(linear.factor_names)}")

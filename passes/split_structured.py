@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from edgecompress.kernels.reference import DOMAIN, DOMAIN_VERSION, ShapeError, blast_shapes, monarch_shapes
+from edgecompress.kernels.reference import BLOCK_SHAPES, DOMAIN, DOMAIN_VERSION, ShapeError
 from edgecompress.passes.graph_edits import (
     StatsResult,
     add_initializer,
@@ -25,8 +25,8 @@ from edgecompress.passes.graph_edits import (
 )
 from edgecompress.passes.layer_map import LinearSite, PassInputError, build_layer_map
 from edgecompress.passes.split_low_rank import check_bias, set_bias
+from edgecompress.structures import STRUCTURES, Structure
 
-OPS = {"monarch": "MonarchMatMul", "blast": "BlastMatMul"}
 # Set on the op node: the structure a Linear was replaced by (the layer map no longer sees it as a Linear).
 STRUCTURE_KEY = "edgecompress.structure"
 
@@ -54,8 +54,9 @@ class SplitStructuredPass(ir.passes.InPlacePass):
             return
         layer_map = build_layer_map(model.graph)
         for module, (structure, arrays, bias) in self.factors.items():
-            if structure not in OPS:
-                raise PassInputError(f"structure {structure!r} of {module!r} is not one of {', '.join(OPS)}")
+            blocked = [name for name, entry in STRUCTURES.items() if entry.blocked]  # low-rank: SplitLowRankPass
+            if structure not in blocked:
+                raise PassInputError(f"structure {structure!r} of {module!r} is not one of {', '.join(blocked)}")
             site = layer_map.find_linear(module)
             _check_factors(module, site, structure, arrays)
             _check_gemm(module, site)
@@ -76,24 +77,20 @@ class SplitStructuredPass(ir.passes.InPlacePass):
             site = layer_map.find_linear(module)
             stats.params_before += site.in_features * site.out_features
             stats.params_after += sum(np.asarray(array).size for array in arrays)
-            _replace(graph, site, OPS[structure], arrays, bias)
-            counts[OPS[structure]] += 1
+            _replace(graph, site, STRUCTURES[structure], arrays, bias)
+            counts[STRUCTURES[structure].op] += 1
         graph.opset_imports[DOMAIN] = DOMAIN_VERSION
         stats.ops = dict(sorted(counts.items()))
         return StatsResult(model, modified=True, stats=stats)
 
 
 def _check_factors(module: str, site: LinearSite, structure: str, arrays) -> None:
+    entry = STRUCTURES[structure]
     shapes = [np.shape(array) for array in arrays]
     try:
-        if structure == "monarch":
-            if len(shapes) != 2:
-                raise ShapeError("Monarch needs W1 and W2")
-            blocks, per_in, _, per_out = monarch_shapes(*shapes)
-        else:
-            if len(shapes) != 3:
-                raise ShapeError("BLAST needs U, S and V")
-            blocks, per_in, _, per_out = blast_shapes(*shapes)
+        if len(shapes) != len(entry.factor_names):
+            raise ShapeError(f"{entry.op} needs {', '.join(entry.factor_names)}")
+        blocks, per_in, _, per_out = BLOCK_SHAPES[entry.op](*shapes)
     except ShapeError as exc:
         raise PassInputError(f"factors of {module!r}: {exc}") from exc
     if (blocks * per_in, blocks * per_out) != (site.in_features, site.out_features):
@@ -112,12 +109,12 @@ def _check_gemm(module: str, site: LinearSite) -> None:
         raise PassInputError(f"Linear {module!r} is a Gemm with transA/alpha/beta, which a structured op cannot take over")
 
 
-def _replace(graph: ir.Graph, site: LinearSite, op: str, arrays, bias) -> None:
+def _replace(graph: ir.Graph, site: LinearSite, structure: Structure, arrays, bias) -> None:
     node = site.node
+    op = structure.op
     dtype = site.weight.const_value.dtype.numpy()
-    names = {"MonarchMatMul": ("w1", "w2"), "BlastMatMul": ("u", "s", "v")}[op]
-    weights = [add_initializer(graph, f"{site.module}.{op.lower()}_{name}", np.asarray(array).astype(dtype))
-               for name, array in zip(names, arrays)]
+    weights = [add_initializer(graph, name, np.asarray(array).astype(dtype))
+               for name, array in zip(structure.initializer_names(site.module), arrays)]
     extra = []
     if node.op_type == "Gemm":
         if bias is not None:

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from edgecompress.attribution.layer_walker import set_submodule
+from edgecompress.attribution.low_rank import install_low_rank
 from edgecompress.attribution.svd_llm import cholesky_with_jitter
+from edgecompress.structures import STRUCTURES
 
 # ALS sweeps. Measured on SmolLM2-135M layer 20 (rho 0.9, b = 4): relative Frobenius error 0.7550 / 0.7517 /
 # 0.7492 after 10 / 40 / 100 sweeps on q_proj (the truncated-SVD start: 0.7497 at the larger low-rank rank).
@@ -34,8 +36,6 @@ BLAST_GRAM_ITERATIONS = 20  # full-Gram sweeps (each costs several K x K product
 # never reach (few tokens, or K > tokens) otherwise let V grow without bound (factors ~1e4 on a tiny model,
 # which fp32 then cannot reproduce). SmolLM2-135M's 8192-token Grams are full rank: the cost there is nil.
 BLAST_GRAM_RIDGE = 1e-3
-# The factor names each structure stores in a plan, in the op's input order.
-FACTOR_NAMES = {"lowrank": ("A", "B"), "monarch": ("W1", "W2"), "blast": ("U", "S", "V")}
 
 
 class MonarchLinear(nn.Module):
@@ -85,19 +85,20 @@ class BlastLinear(nn.Module):
         return {"U": self.u, "S": self.s, "V": self.v}
 
 
-STRUCTURED_MODULES = {"monarch": MonarchLinear, "blast": BlastLinear}
-
-
 def install_structured(model, module_name: str, structure: str, factors: dict, bias=None) -> nn.Module:
-    """Swap the Linear `module_name` for a Monarch/BLAST module (same device and dtype); returns the old one."""
+    """Swap the Linear `module_name` for the structure's module built from `factors` (by factor name; same
+    device and dtype); returns the old one. Low-rank factors become attribution/low_rank.py's module."""
+    entry = STRUCTURES[structure]
+    if entry.torch_module is None:
+        return install_low_rank(model, module_name, *(factors[name] for name in entry.factor_names), bias)
     old = model.get_submodule(module_name)
     weight = old.weight
 
     def tensor(value):
         return None if value is None else torch.as_tensor(value).to(weight.device, weight.dtype)
 
-    parts = [tensor(factors[name]) for name in FACTOR_NAMES[structure]]
-    new = STRUCTURED_MODULES[structure](*parts, tensor(bias)).to(device=weight.device, dtype=weight.dtype)
+    parts = [tensor(factors[name]) for name in entry.factor_names]
+    new = entry.torch_class()(*parts, tensor(bias)).to(device=weight.device, dtype=weight.dtype)
     return set_submodule(model, module_name, new)
 
 

@@ -10,7 +10,8 @@ import torch
 
 from edgecompress.attribution.structured import BlastLinear, MonarchLinear, project_blast, project_monarch
 from edgecompress.kernels import reference
-from edgecompress.plan import low_rank_rank, structured_params, structured_rank
+from edgecompress.plan import low_rank_rank
+from edgecompress.structures import BLAST, LOWRANK, MONARCH
 
 torch.set_num_threads(1)
 
@@ -89,11 +90,12 @@ def test_equal_parameter_counts_on_smollm2_shapes():
     shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q, k, gate, down
     ranks = [low_rank_rank(m, n, 0.9) for m, n in shapes]
     assert ranks == [28, 14, 41, 41]
-    assert [structured_rank("monarch", m, n, r, 4) for (m, n), r in zip(shapes, ranks)] == [28, 12, 40, 40]
-    assert [structured_rank("blast", m, n, r, 4) for (m, n), r in zip(shapes, ranks)] == [27, 13, 40, 40]
+    assert [MONARCH.rank_for(m, n, r, 4) for (m, n), r in zip(shapes, ranks)] == [28, 12, 40, 40]
+    assert [BLAST.rank_for(m, n, r, 4) for (m, n), r in zip(shapes, ranks)] == [27, 13, 40, 40]
     for (m, n), r in zip(shapes, ranks):
-        low_rank = structured_params("lowrank", m, n, r, None)
-        blast = structured_params("blast", m, n, structured_rank("blast", m, n, r, 4), 4)
+        low_rank = LOWRANK.params(m, n, r, None)
+        assert low_rank == r * (m + n) and MONARCH.params(m, n, 8, 4) == 8 * (m + n)
+        blast = BLAST.params(m, n, BLAST.rank_for(m, n, r, 4), 4)
         assert low_rank - (m + n + 16) < blast <= low_rank  # within one BLAST rank step, never above
 
 

@@ -14,9 +14,10 @@ from edgecompress.compress import make_plan
 from edgecompress.errors import EdgeCompressError
 from edgecompress.kernels.reference import DOMAIN
 from edgecompress.passes import LowerCustomOpsPass, ReplaceLayersPass, SplitStructuredPass, build_layer_map
+from edgecompress.structures import STRUCTURES
 from tests.helpers import random_calibration
 
-OPS = {"monarch": "MonarchMatMul", "blast": "BlastMatMul"}
+OPS = {name: STRUCTURES[name].op for name in ("monarch", "blast")}
 
 
 def _plan(torch_model, structure):
@@ -76,7 +77,7 @@ def test_bad_factors_are_one_line_errors(fresh_torch_and_onnx):
          r"give a \[24, 32\] weight, the graph has \[32, 32\]"),
         ({module: ("monarch", (rng.standard_normal((4, 8, 6)), rng.standard_normal((4, 6, 8))), None)},
          r"R=6 channels per block must be a multiple of the 4 blocks"),
-        ({module: ("blast", (rng.standard_normal((4, 2, 8)),), None)}, r"BLAST needs U, S and V"),
+        ({module: ("blast", (rng.standard_normal((4, 2, 8)),), None)}, r"BlastMatMul needs U, S, V"),
         ({module: ("butterfly", (), None)}, r"structure 'butterfly'"),
     ]
     for factors, message in cases:
