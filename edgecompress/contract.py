@@ -33,6 +33,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Optional int64 scalar with a default of 0 (an initializer of the same name): the logits of the last
+# LOGITS_TO_KEEP positions only, 0 = every position (Hugging Face's argument). Prefill feeds 1.
+LOGITS_TO_KEEP = "logits_to_keep"
 # %d is the decoder layer's position among the layers the graph keeps (0..L-1, contiguous).
 KV_NAMES = {
     "past_key": "past_key_values.%d.key",
@@ -49,6 +52,7 @@ BATCH = "batch_size"
 SEQUENCE = "sequence_length"
 PAST_SEQUENCE = "past_sequence_length"
 TOTAL_SEQUENCE = "total_sequence_length"  # past + new tokens: the mask and the present caches
+LOGITS_SEQUENCE = "logits_sequence_length"  # the positions logits are computed for (LOGITS_TO_KEEP)
 
 
 def past_names(num_layers: int) -> list[str]:

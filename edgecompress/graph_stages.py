@@ -31,6 +31,7 @@ from edgecompress.passes import (
     FuseGroupQueryAttentionPass,
     FuseLowRankPass,
     FuseOrtOpsPass,
+    KeepLastLogitsPass,
     LowerCustomOpsPass,
     MapGgufWeightsPass,
     QuantizeWeightsPass,
@@ -70,6 +71,13 @@ def plan_passes(plan, custom_ops: tuple[str, ...] = ()) -> list[tuple[str | None
     if getattr(plan, "embedding", None) is not None:
         passes.append((None, FactorEmbeddingPass.from_plan(plan)))
     return passes + [(None, LowerCustomOpsPass(not_enabled(custom_ops)))]
+
+
+def export_passes(plan, custom_ops: tuple[str, ...] = ()) -> list[tuple[str | None, ir.passes.PassBase]]:
+    """What every export gets: KeepLastLogitsPass (the optional `logits_to_keep` input, default every position),
+    then the plan's passes when there is a plan."""
+    passes: list[tuple[str | None, ir.passes.PassBase]] = [(None, KeepLastLogitsPass())]
+    return passes + (plan_passes(plan, custom_ops) if plan is not None else [])
 
 
 def fuses_low_rank(custom_ops: tuple[str, ...], plan) -> bool:

@@ -228,10 +228,11 @@ def export_stage(clock: StageClock, loaded, plan, folder: Path, profile: TargetP
 
     with clock.stage("export"):
         model, info = export.export_onnx(loaded.model)
-    if plan is not None:
-        with clock.stage("passes") as note:
+    with clock.stage("passes") as note:
+        if plan is not None:
             note(f"{len(plan.replaced_layers)} layers replaced, {len(plan.removed_layers)} removed")
-            info["passes"] = graph_stages.run_stage(model, graph_stages.plan_passes(plan, profile.custom_ops))
+        info["passes"] = graph_stages.run_stage(model, graph_stages.export_passes(plan, profile.custom_ops))
+        if plan is not None:
             custom_ops.require(model)
     with clock.stage("save"):
         export.save_model(model, folder)

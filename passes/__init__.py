@@ -14,6 +14,7 @@ else:
     from edgecompress.passes.fuse_low_rank import FuseLowRankPass
     from edgecompress.passes.fuse_ort_ops import FuseOrtOpsPass
     from edgecompress.passes.graph_edits import StatsResult
+    from edgecompress.passes.keep_last_logits import KeepLastLogitsPass
     from edgecompress.passes.layer_map import PassInputError, build_layer_map
     from edgecompress.passes.lower_custom_ops import LowerCustomOpsPass
     from edgecompress.passes.map_gguf_weights import GgufBlocks, MapGgufWeightsPass
@@ -31,6 +32,7 @@ else:
         "FuseLowRankPass",
         "FuseOrtOpsPass",
         "GgufBlocks",
+        "KeepLastLogitsPass",
         "LowerCustomOpsPass",
         "MapGgufWeightsPass",
         "PassInputError",

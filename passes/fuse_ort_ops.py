@@ -103,7 +103,11 @@ class FuseOrtOpsPass(ir.passes.InPlacePass):
         guards = RewritePass([_nan_guard_rule()])
         guards(model)
         stats.nan_guards_removed = before["IsNaN"] - op_type_counts(model.graph)["IsNaN"]
-        fused, rule_counts = optimize_for_ort(model, debug=self.debug)
+        defaults = _detach_input_defaults(model.graph)
+        try:
+            fused, rule_counts = optimize_for_ort(model, debug=self.debug)
+        finally:
+            _restore_input_defaults(model.graph, defaults)
         if fused is not model:  # 0.7.2 works in place; keep the pass honest if that changes
             raise RuntimeError("optimize_for_ort returned a new model; FuseOrtOpsPass expects in-place")
         after = op_type_counts(model.graph)
@@ -117,3 +121,22 @@ class FuseOrtOpsPass(ir.passes.InPlacePass):
         model.metadata_props[FUSED_MARK] = "1"
         modified = stats.nodes_after != stats.nodes_before or bool(stats.fused_ops)
         return StatsResult(model, modified=modified, stats=stats)
+
+
+def _detach_input_defaults(graph: ir.Graph) -> dict[str, ir.TensorProtocol]:
+    """Inputs with a default (an initializer of the same name, e.g. logits_to_keep) become plain inputs while
+    onnxscript optimizes: it would drop them from the inputs and fold them as constants."""
+    defaults = {}
+    for value in graph.inputs:
+        if value.is_initializer():
+            defaults[value.name] = value.const_value
+            graph.initializers.pop(value.name)
+            value.const_value = None
+    return defaults
+
+
+def _restore_input_defaults(graph: ir.Graph, defaults: dict[str, ir.TensorProtocol]) -> None:
+    for value in graph.inputs:
+        if value.name in defaults:
+            value.const_value = defaults[value.name]
+            graph.register_initializer(value)

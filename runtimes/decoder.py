@@ -41,6 +41,14 @@ def kv_layout(session) -> KVLayout:
     return KVLayout(len(pasts), int(first.shape[1]), int(first.shape[3]), dtype)
 
 
+def last_logits_feed(session) -> dict[str, np.ndarray]:
+    """The feed that asks for the last position's logits only: {logits_to_keep: 1} when the artifact has that
+    input (a default it may override), else nothing (an older artifact computes every position)."""
+    names = {value.name for value in session.get_overridable_initializers()}
+    names |= {value.name for value in session.get_inputs()}
+    return {contract.LOGITS_TO_KEEP: np.array(1, dtype=np.int64)} if contract.LOGITS_TO_KEEP in names else {}
+
+
 class OrtDecoder:
     """Runs an artifact step by step, carrying the KV cache between calls."""
 
@@ -50,13 +58,16 @@ class OrtDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = contract.past_names(self.layout.num_layers)
         self.present_names = contract.present_names(self.layout.num_layers)
+        self.last_only = last_logits_feed(self.session)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
         return [np.zeros(shape, dtype=self.layout.dtype) for _ in range(2 * self.layout.num_layers)]
 
-    def forward(self, input_ids, attention_mask, position_ids, past):
+    def forward(self, input_ids, attention_mask, position_ids, past, last_only: bool = False):
+        """One step; `last_only`: logits for the last position only (where the artifact can: see last_logits_feed)."""
         feed = {
+            **(self.last_only if last_only else {}),
             contract.INPUT_IDS: np.asarray(input_ids, dtype=np.int64),
             contract.ATTENTION_MASK: np.asarray(attention_mask, dtype=np.int64),
             contract.POSITION_IDS: np.asarray(position_ids, dtype=np.int64),
@@ -77,7 +88,7 @@ class OrtDecoder:
             step = ids.shape[1]
             mask = np.ones((1, length + step), dtype=np.int64)
             positions = np.arange(length, length + step, dtype=np.int64)[None, :]
-            logits, past = self.forward(ids, mask, positions, past)
+            logits, past = self.forward(ids, mask, positions, past, last_only=True)
             length += step
             token = int(np.argmax(logits[0, -1]))
             tokens.append(token)

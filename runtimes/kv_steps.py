@@ -33,7 +33,8 @@ class NumpySteps:
     def __call__(self, ids: list[int]) -> np.ndarray:
         """Run `ids` after the cached tokens; return the last position's logits."""
         feed = _step_inputs(ids, self.length)
-        logits, self.past = self.decoder.forward(feed["input_ids"], feed["attention_mask"], feed["position_ids"], self.past)
+        logits, self.past = self.decoder.forward(feed["input_ids"], feed["attention_mask"], feed["position_ids"], self.past,
+                                                 last_only=True)
         self.length += len(ids)
         return logits[0, -1]
 
@@ -50,6 +51,8 @@ class BoundSteps:
 
     def __call__(self, ids: list[int]) -> np.ndarray:
         binding = self.session.io_binding()
+        # No logits_to_keep here: onnxruntime's IO binding does not find an input that has a default
+        # ("Failed to find NodeArg"), so bound steps compute every position's logits.
         for name, array in _step_inputs(ids, self.length).items():
             binding.bind_cpu_input(name, array)  # a few int64s: onnxruntime copies them where needed
         for name, value in zip(self.decoder.past_names, self.past):

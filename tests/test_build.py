@@ -51,7 +51,10 @@ def test_graph_io_contract(tiny_llama_artifact):
         assert inputs[f"past_key_values.{i}.key"] == ["batch_size", 2, "past_sequence_length", 16]
         assert inputs[f"past_key_values.{i}.value"] == ["batch_size", 2, "past_sequence_length", 16]
         assert outputs[f"present.{i}.key"] == ["batch_size", 2, "total_sequence_length", 16]
-    assert outputs["logits"] == ["batch_size", "sequence_length", 64]
+    # logits_to_keep (default 0: every position) sets how many positions get logits
+    assert outputs["logits"] == ["batch_size", "logits_sequence_length", 64]
+    assert "logits_to_keep" in inputs and inputs["logits_to_keep"] == []
+    assert "logits_to_keep" in {t.name for t in model.graph.initializer}  # its default, so it is optional
     # External data: every weight of any size lives in model.onnx.data, not in the protobuf.
     weights = [t for t in model.graph.initializer if np.prod(t.dims) >= 1024]
     assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)

@@ -27,6 +27,22 @@ def test_greedy_tokens_match_the_decoder_loop(generator, tiny_llama_artifact):
     assert generator.generate(PROMPT, 12).tokens == expected
 
 
+def test_prefill_asks_for_the_last_position_only(tiny_llama_artifact):
+    """The artifact's logits_to_keep input: the decoder loop feeds 1, and gets the last row of the full logits."""
+    import numpy as np
+
+    decoder = OrtDecoder(tiny_llama_artifact[0])
+    assert list(decoder.last_only) == ["logits_to_keep"] and int(decoder.last_only["logits_to_keep"]) == 1
+    ids = np.asarray([[5, 9, 3, 7, 11]], dtype=np.int64)
+    mask, positions = np.ones_like(ids), np.arange(5, dtype=np.int64)[None, :]
+    full, full_past = decoder.forward(ids, mask, positions, decoder.empty_cache(1))
+    last, last_past = decoder.forward(ids, mask, positions, decoder.empty_cache(1), last_only=True)
+    assert full.shape[1] == 5 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
+    for a, b in zip(full_past, last_past):  # the cache is the same whichever logits are kept
+        np.testing.assert_array_equal(a, b)
+
+
 def test_io_binding_gives_the_same_tokens(tiny_llama_artifact):
     plain = TextGenerator(tiny_llama_artifact[0], io_binding=False).generate(PROMPT, 10)
     bound = TextGenerator(tiny_llama_artifact[0], io_binding=True).generate(PROMPT, 10)
