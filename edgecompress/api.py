@@ -98,11 +98,8 @@ def clean(out: str | Path, unknown_owner: bool = False) -> dict[str, list[str]]:
     owner record (made by an edgecompress before 0.1.0's owner files, or on another host)."""
     from edgecompress import artifact
 
-    out = Path(out)
-    removed = artifact.remove_leftovers(out, include_unknown=unknown_owner)
-    _, unknown = artifact.leftover_folders(out)
-    folders = [str(entry) for entry in removed if not entry.name.endswith(artifact.OWNER_SUFFIX)]
-    return {"removed": folders, "unknown_owner": [str(entry) for entry in unknown]}
+    removed, unknown = artifact.remove_leftovers(Path(out), include_unknown=unknown_owner)
+    return {"removed": [str(entry) for entry in removed], "unknown_owner": [str(entry) for entry in unknown]}
 
 
 def inspect(out: str | Path) -> dict[str, Any]:

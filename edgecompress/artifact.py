@@ -87,44 +87,37 @@ def _owner_alive(owner_file: Path) -> bool | None:
     return start is None or _process_start(pid) in (None, start)
 
 
-def leftover_folders(out: Path) -> tuple[list[Path], list[Path]]:
-    """The hidden folders of earlier builds into `out`: (owner gone, owner unknown). Live ones are left out."""
-    out = out.absolute()
+def _leftovers(out: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Beside `out`: hidden build folders whose owner is gone, those of unknown owner (live ones left out),
+    and owner files whose folder is gone (a build killed between the two removals)."""
+    gone, unknown, orphans = [], [], []
     if not out.parent.is_dir():
-        return [], []
-    gone, unknown = [], []
+        return gone, unknown, orphans
     for entry in sorted(out.parent.iterdir()):
-        if not entry.name.startswith(_hidden_prefixes(out)) or entry.name.endswith(OWNER_SUFFIX):
+        if not entry.name.startswith(_hidden_prefixes(out)):
+            continue
+        if entry.name.endswith(OWNER_SUFFIX):
+            if not Path(str(entry)[: -len(OWNER_SUFFIX)]).exists() and _owner_alive(entry) is False:
+                orphans.append(entry)
             continue
         alive = _owner_alive(Path(f"{entry}{OWNER_SUFFIX}"))
         if alive is False:
             gone.append(entry)
         elif alive is None:
             unknown.append(entry)
-    # owner files whose folder is already gone (killed between the two removals)
-    gone += [entry for entry in sorted(out.parent.glob(f".{out.name}.*{OWNER_SUFFIX}"))
-             if entry.name.startswith(_hidden_prefixes(out)) and not Path(str(entry)[:-len(OWNER_SUFFIX)]).exists()
-             and _owner_alive(entry) is False]
-    return gone, unknown
+    return gone, unknown, orphans
 
 
-def remove_leftovers(out: Path, include_unknown: bool = False) -> list[Path]:
-    """Remove what killed builds into `out` left beside it (and, if asked, folders of unknown owner)."""
-    gone, unknown = leftover_folders(out)
-    removed = gone + (unknown if include_unknown else [])
-    for entry in removed:
-        if entry.name.endswith(OWNER_SUFFIX):
-            entry.unlink(missing_ok=True)
-        else:
-            _remove_owned_folder(entry)
-    return removed
-
-
-def _say_removed(removed: list[Path], out: Path, say: Callable[[str], None]) -> None:
-    folders = [entry for entry in removed if not entry.name.endswith(OWNER_SUFFIX)]
-    if folders:
-        say(f"removed {len(folders)} folder(s) left beside '{out}' by an earlier build that was killed: "
-            + ", ".join(folder.name for folder in folders))
+def remove_leftovers(out: Path, include_unknown: bool = False) -> tuple[list[Path], list[Path]]:
+    """Remove the folders killed builds into `out` left beside it (and, if asked, those of unknown owner);
+    returns (folders removed, folders of unknown owner kept)."""
+    gone, unknown, orphans = _leftovers(out.absolute())
+    removed, kept = (gone + unknown, []) if include_unknown else (gone, unknown)
+    for folder in removed:
+        _remove_owned_folder(folder)
+    for owner_file in orphans:
+        owner_file.unlink(missing_ok=True)
+    return removed, kept
 
 
 @contextmanager
@@ -135,9 +128,10 @@ def staged_folder(out: Path, force: bool, say: Callable[[str], None] | None = No
     out = out.absolute()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        removed = remove_leftovers(out)
-        if say is not None:
-            _say_removed(removed, out, say)
+        removed, _ = remove_leftovers(out)
+        if removed and say is not None:
+            say(f"removed {len(removed)} folder(s) left beside '{out}' by an earlier build that was killed: "
+                + ", ".join(folder.name for folder in removed))
         staging = _make_owned_folder(f".{out.name}.partial-", out.parent)
         umask = os.umask(0)
         os.umask(umask)
