@@ -3,7 +3,7 @@
 The default build's plan stage (`auto` at --ratio, 128 + 8 windows of WikiText-2 validation, as
 `edgecompress build` draws them) runs once per learning rate; each run's refit is measured on the 8
 held-out calibration windows (KL of the logits against the dense model), never on test text. The rate
-with the lowest held-out KL is the one to keep as compress.KL_REFIT_DEFAULTS. Writes
+with the lowest held-out KL is the one to keep as methods.KL_REFIT_DEFAULTS. Writes
 bench/results/refit-lr.json.
 
 Usage: python bench/refit_lr.py [--ratio 0.2] [--lrs 5e-4 1e-3 2e-3]
@@ -66,7 +66,7 @@ def main() -> None:
 
 
 def _write(out: Path, machine: dict, ratio: float, calib, rows: list) -> dict:
-    from edgecompress.compress import KL_REFIT_DEFAULTS
+    from edgecompress.methods import KL_REFIT_DEFAULTS
 
     machine = {**machine, "load_average_at_end": list(os.getloadavg())}
     best = min(rows, key=lambda row: row["holdout_best"])

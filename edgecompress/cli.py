@@ -21,7 +21,7 @@ from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.markup import escape
 
-from edgecompress import contract, options
+from edgecompress import contract, methods, options
 from edgecompress.errors import EdgeCompressError
 from edgecompress.pipeline import Progress
 
@@ -151,7 +151,7 @@ def build(
         "e.g. 0.2.", show_default=False,
     ),
     method: str = typer.Option(
-        options.DEFAULT_METHOD, "--method", "-m", help=f"Compression method: {options.method_help()}."
+        options.DEFAULT_METHOD, "--method", "-m", help=f"Compression method: {methods.method_help()}."
     ),
     plan: Optional[Path] = typer.Option(
         None, "--plan", help="Reuse a saved plan folder (plan.json + factors.safetensors); skips attribution.",

@@ -1,7 +1,8 @@
-"""What a user may ask a build for: every default, every compression method and every check, in one place.
+"""What a user may ask a build for: every default and every check, in one place (the compression methods
+and their own options: edgecompress/methods.py).
 
 The CLI (`edgecompress build --help`) and the Python API (`edgecompress.build`) take their defaults
-and the method list from here, and the pipeline validates a `BuildOptions` once, before loading
+from here, and the pipeline validates a `BuildOptions` once, before loading
 anything, with the checks below; `make_plan` and the graph passes call the same checks, so one option
 always gets the same message. Torch-free and cheap to import.
 """
@@ -15,54 +16,13 @@ from typing import TYPE_CHECKING
 
 from edgecompress import structures
 from edgecompress.errors import EdgeCompressError
+from edgecompress.methods import AUTO, check_method, resolve_method
 
 if TYPE_CHECKING:
     from edgecompress.profiles import TargetProfile
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a compression method does: which layers, what happens to them, and how factors are chosen."""
-
-    layers: str  # "chosen": the most redundant layers by score | "all"
-    action: str  # "replace" (low-rank Linears) | "remove" (the whole layer)
-    basis: str = "weight"  # "weight": SVD of W | "whitened": SVD of W L (SVD-LLM)
-    selection: str = "largest"  # "largest" singular values | "attribution" (gradient scores, GRASP)
-    refit: str | None = None  # "layer" | "end-to-end" | "layer+end-to-end": a short refit of the chosen layers' factors
-    refit_loss: str = "hidden"  # end-to-end objective: "hidden" (final normed states, MSE) | "kl" (logits)
-    # How attribution splits the replaced layers' budget: each matrix at rho ("matrix"), or the groups with the
-    # best score per parameter across all matrices scored together ("global", same total parameters).
-    allocation: str = "matrix"
-    # Share of ALL parameters taken from a tied embedding (frequency-weighted, output-whitened factors with
-    # the most frequent tokens exact; attribution/embedding.py) before the layers get the rest of the budget.
-    embedding_share: float = 0.0
-    summary: str = ""  # one line for --help
-
-
-METHODS = {
-    "grasp": MethodSpec("chosen", "replace", "weight", "attribution", summary="GRASP: gradient-scored singular groups"),
-    "grasp-w": MethodSpec("chosen", "replace", "whitened", "largest", summary="SVD-LLM's whitened factors in GRASP's layers"),
-    "grasp-wr": MethodSpec("chosen", "replace", "whitened", "largest", refit="layer",
-                           summary="grasp-w plus a short layer-wise refit of the factors"),
-    "grasp-wre": MethodSpec("chosen", "replace", "whitened", "largest", refit="end-to-end",
-                            summary="grasp-w plus an end-to-end refit (slower)"),
-    "grasp-wrk": MethodSpec("chosen", "replace", "whitened", "largest", refit="layer+end-to-end", refit_loss="kl",
-                            embedding_share=0.05, summary="grasp-wr, then an end-to-end refit on the dense model's logits (KL)"),
-    "grasp-wtk": MethodSpec("chosen", "replace", "whitened", "attribution", refit="layer+end-to-end", refit_loss="kl",
-                            allocation="global", embedding_share=0.05, summary="gradient-scored whitened groups, the budget split across "
-                            "matrices by score, then layer-wise and logit (KL) refits"),
-    "grasp-wt": MethodSpec("chosen", "replace", "whitened", "attribution",
-                           summary="gradient-scored groups in the whitened basis"),
-    "grasp-topsigma": MethodSpec("chosen", "replace", "weight", "largest", summary="ablation: GRASP's layers, largest sigma"),
-    "shortgpt": MethodSpec("chosen", "remove", summary="remove the lowest-Block-Influence layers"),
-    "svd": MethodSpec("all", "replace", "weight", "largest", summary="plain SVD of every Linear"),
-    "svd-llm": MethodSpec("all", "replace", "whitened", "largest", summary="SVD-LLM: whitened SVD of every Linear"),
-}
-# The default: the method that kept the most quality at each ratio on bench/quality.py (smollm2-135m,
-# WikiText-2, rows in bench/results/quality.json), chosen by ratio; the plan records what it resolved to.
-AUTO = "auto"
-AUTO_METHODS = ((1.0, "grasp-wrk"),)  # (ratio up to, method), first match
-DEFAULT_METHOD = AUTO
+DEFAULT_METHOD = AUTO  # edgecompress/methods.py: every method, and what auto picks
 DEFAULT_RHO = 0.9  # fraction of each replaced matrix's parameters removed
 # What a replaced Linear becomes: low-rank factors, or Monarch / BLAST with as many parameters (the
 # ai.edgecompress ops). Four blocks divide every Linear of the Llama-family models we build (576, 192, 1536).
@@ -73,7 +33,6 @@ DEFAULT_CALIB_SEQUENCES = 128  # fitting windows; the first protocol used 16, 64
 DEFAULT_CALIB_SEQ_LEN = 512
 DEFAULT_CALIB_HOLDOUT = 8  # held-out windows when none are asked: 8, or one per 16 fitting windows if fewer
 SELF = "self"  # --calibration self[:N]: text the model generates itself
-SCORE_METRICS = ("taylor", "gradient")  # |sigma * G| (GRASP) or |G|
 DEVICES = ("cpu", "cuda")
 # The build's perplexity: windows of EVAL_SEQ_LEN tokens, DEFAULT_EVAL_WINDOWS of them for compressed
 # or low-bit builds (none for plain fp32 ones: they equal PyTorch by verification).
@@ -82,29 +41,6 @@ EVAL_SEQ_LEN = 512
 # fp16: the whole artifact in float16 (GPU targets, whose dtype is float16); int8/int4: MatMulNBits.
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 LOW_BIT_FORMATS = ("int8", "int4")
-
-
-def method_help() -> str:
-    auto = ", ".join(f"{name} up to {limit:g}" for limit, name in AUTO_METHODS)
-    return f"{AUTO} (the default: by ratio, {auto}); " + "; ".join(
-        f"{name} ({spec.summary})" for name, spec in METHODS.items())
-
-
-def resolve_method(method: str, ratio: float | None) -> str:
-    """`auto` -> the method measured best at `ratio` (AUTO_METHODS); any other name is returned checked."""
-    if method != AUTO:
-        check_method(method)
-        return method
-    ratio = 0.0 if ratio is None else ratio
-    return next((name for limit, name in AUTO_METHODS if ratio <= limit), AUTO_METHODS[-1][1])
-
-
-def check_method(method: str) -> MethodSpec:
-    if method == AUTO:
-        return METHODS[resolve_method(AUTO, None)]
-    if method not in METHODS:
-        raise EdgeCompressError(f"unknown method '{method}'; use one of {AUTO}, {', '.join(METHODS)}")
-    return METHODS[method]
 
 
 def check_ratio(ratio) -> float:
@@ -166,20 +102,14 @@ def check_structure(structure: str, blocks: int | None, method: str | None = Non
         return None
     if isinstance(blocks, bool) or (blocks is not None and (not isinstance(blocks, int) or blocks < 2)):
         raise EdgeCompressError(f"--blocks must be a whole number of at least 2, got {blocks!r}")
-    spec = METHODS.get(resolve_method(method, None)) if method is not None else None
-    if spec is not None and (spec.action != "replace" or spec.selection != "largest"):
+    chosen = check_method(resolve_method(method, None)) if method is not None else None
+    if chosen is not None and (chosen.factors is None or not chosen.factors.projects_weights):
         raise EdgeCompressError(
             f"--structure {structure} needs a method that projects each weight (grasp-w, grasp-wr, grasp-wre, "
             f"grasp-topsigma, svd, svd-llm); {method} "
-            + ("removes layers" if spec.action != "replace" else "scores singular groups, which it does not have")
+            + ("removes layers" if chosen.factors is None else "scores singular groups, which it does not have")
         )
     return DEFAULT_BLOCKS if blocks is None else blocks
-
-
-def check_score_metric(metric: str) -> str:
-    if metric not in SCORE_METRICS:
-        raise EdgeCompressError(f"unknown score metric {metric!r}; use one of {', '.join(SCORE_METRICS)}")
-    return metric
 
 
 def check_device(device: str) -> str:

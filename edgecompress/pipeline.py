@@ -26,10 +26,11 @@ from edgecompress.options import (
     EVAL_SEQ_LEN,
     BuildOptions,
     CompressOptions,
+    LOW_BIT_FORMATS,
     WeightFormats,
-    resolve_method,
+    resolve_formats,
 )
-from edgecompress.options import LOW_BIT_FORMATS, resolve_formats
+from edgecompress.methods import resolve_method
 from edgecompress.profiles import BUILT_DTYPES, TargetProfile
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from edgecompress import api, memory_budget as mb, profiles
 from edgecompress.errors import EdgeCompressError
-from edgecompress.options import DEFAULT_METHOD, WeightFormats, resolve_method
+from edgecompress.methods import resolve_method
+from edgecompress.options import DEFAULT_METHOD, WeightFormats
 from tests.helpers import assert_one_line_error, run_cli
 from tests.tiny_models import save_tiny_model
 from tests.test_build_compressed import CALIB, calibration_file, evaluation_file  # noqa: F401 (fixtures)

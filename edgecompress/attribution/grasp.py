@@ -12,7 +12,7 @@ import torch
 
 from edgecompress.attribution.layer_walker import LayerWalker, set_submodule
 from edgecompress.attribution.singular_basis import SigmaLinear, SingularBasis
-from edgecompress.options import check_score_metric
+from edgecompress.methods import check_score_metric
 
 
 def accumulated_sigma_gradients(

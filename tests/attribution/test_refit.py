@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from edgecompress.attribution.refit import _HoldoutTracker
-from edgecompress.compress import _ranks, make_plan
+from edgecompress.attribution.factor_choice import ranks_for
+from edgecompress.compress import make_plan
 from edgecompress.errors import EdgeCompressError
-from edgecompress.options import AUTO, resolve_method
+from edgecompress.methods import AUTO, resolve_method
 from tests import tiny_models
 from tests.helpers import random_calibration
 
@@ -74,12 +75,12 @@ def test_global_allocation_spends_the_same_budget_on_the_best_scored_groups():
     targets = {"wide": (0, "a", linear(8, 32), None), "square": (0, "b", linear(16, 16), None)}
     # Every group of "square" scores higher per parameter than any group of "wide".
     scored = {"wide": torch.linspace(1.0, 0.1, 8), "square": torch.linspace(100.0, 50.0, 16)}
-    per_matrix = _ranks(targets, scored, 0.5, "matrix")
-    spread = _ranks(targets, scored, 0.5, "global")
+    per_matrix = ranks_for(targets, scored, 0.5, "matrix")
+    spread = ranks_for(targets, scored, 0.5, "global")
     budget = lambda ranks: 40 * ranks["wide"] + 32 * ranks["square"]  # noqa: E731
     assert budget(spread) <= budget(per_matrix)
     assert spread == {"square": 6, "wide": 1}  # "square" first; "wide" keeps its one best group
-    assert _ranks(targets, {"wide": scored["square"][:8], "square": scored["wide"].repeat(2)}, 0.5, "global") == {
+    assert ranks_for(targets, {"wide": scored["square"][:8], "square": scored["wide"].repeat(2)}, 0.5, "global") == {
         "square": 1, "wide": 5}
 
 
