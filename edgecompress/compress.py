@@ -32,7 +32,7 @@ from edgecompress.attribution.plan_state import PlanBuilder, PlanState
 from edgecompress.calibrate import CalibrationSet
 from edgecompress.errors import EdgeCompressError
 from edgecompress.methods import AUTO_METHODS, MethodOptions, check_method, resolve_method
-from edgecompress.options import DEFAULT_METHOD, DEFAULT_RHO, check_ratio, check_rho, check_structure
+from edgecompress.options import DEFAULT_DEVICE, DEFAULT_METHOD, DEFAULT_RHO, check_ratio, check_rho, check_structure
 from edgecompress.plan import CompressionPlan, LayerPlan, model_weights_hash
 from edgecompress.report import peak_rss_mb
 from edgecompress.structures import STRUCTURES
@@ -67,7 +67,7 @@ def make_plan(
     method: str = DEFAULT_METHOD,
     ratio: float | None = 0.2,
     rho: float = DEFAULT_RHO,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     progress=None,
     **options,
 ) -> CompressionPlan:

