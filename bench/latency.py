@@ -88,7 +88,7 @@ def speedups(rows: dict) -> dict:
 
 
 def predictions(art: Path, shapes: list[Shape]) -> dict | None:
-    from edgecompress import profiles
+    from edgecompress.targets import profiles
 
     if PREDICTION_TARGET not in profiles.available():
         return None

@@ -9,7 +9,8 @@ from pathlib import Path
 from inspect import Parameter, Signature
 from typing import Any, get_type_hints
 
-from edgecompress import contract, options, profiles
+from edgecompress import contract, options
+from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError, first_line
 from edgecompress.pipeline import Progress
 from edgecompress.pipeline import build as _run_build

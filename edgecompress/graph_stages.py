@@ -8,7 +8,10 @@
   round-to-nearest MatMulNBits for every other MatMul), the low-rank MatMul pairs fused into
   LowRankMatMul where the target enables it (after the weight formats: quantized factors stay
   MatMulNBits, skipped with that reason), then onnxruntime fusions; after that verification, and
-  checked against the verified fp32 export.
+  checked against the verified fp32 export;
+- `half_precision_passes(policy, blocks, half)` and `storage_twin_passes()`: a GPU target's fp16 artifact and
+  its fp16-storage twin, run by `half_precision.convert_and_validate` for each escalation attempt (one load
+  of the fused fp32 model, the artifact saved, then the twin made from it in memory and saved).
 
 `run_stage` runs one list with onnx-ir's pass infrastructure (each pass's requires/ensures) and
 returns the report section: each pass's statistics by role, and, for a fusion stage, the expected
@@ -102,6 +105,21 @@ def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None,
     if formats.fuse:
         passes += [(FUSION, FuseOrtOpsPass()), (FUSION, FuseGroupQueryAttentionPass())]
     return passes
+
+
+def half_precision_passes(policy, node_blocks: dict[str, str], half: str) -> list[tuple[None, ir.passes.PassBase]]:
+    """A GPU target's fp16 (or bf16) artifact from the fused fp32 model: every float to `half` except the
+    policy's I/O, op types and the nodes the activation scan (and an escalation) keep fp32."""
+    from edgecompress.passes import ConvertFloat16Pass
+
+    return [(None, ConvertFloat16Pass(policy.keep_io, policy.op_block_list, node_blocks, half=half))]
+
+
+def storage_twin_passes() -> list[tuple[None, ir.passes.PassBase]]:
+    """The half artifact's fp32 twin that rounds every stored tensor as the GPU stores it (validated on CPU)."""
+    from edgecompress.passes import EmulateFp16StoragePass
+
+    return [(None, EmulateFp16StoragePass())]
 
 
 def run_stage(model: ir.Model, passes: list[tuple[str | None, ir.passes.PassBase]]) -> dict[str, Any]:

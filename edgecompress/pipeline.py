@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from edgecompress import __version__, artifact, contract, custom_ops, models, profiles
+from edgecompress import __version__, artifact, contract, custom_ops, models
+from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError
 from edgecompress.options import (
     DEFAULT_EVAL_WINDOWS,
@@ -31,7 +32,7 @@ from edgecompress.options import (
     resolve_formats,
 )
 from edgecompress.methods import resolve_method
-from edgecompress.profiles import BUILT_DTYPES, TargetProfile
+from edgecompress.targets.profiles import BUILT_DTYPES, TargetProfile
 
 
 class Progress:

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgecompress.contract import MODEL_FILE
 from edgecompress.errors import VerificationError, first_line
-from edgecompress.profiles import Fp16Bounds, LowBitBounds, TargetProfile, VerifyBounds
+from edgecompress.targets.profiles import Fp16Bounds, LowBitBounds, TargetProfile, VerifyBounds
 
 DEFAULT_PROMPT = "Explain in one sentence why the sky is blue."
 # onnxruntime's fused SimplifiedLayerNormalization lives in the ai.onnx domain but only onnxruntime

@@ -78,7 +78,7 @@ def artifact_providers(folder: Path, providers: list[str] | None = None) -> tupl
     (report.json's copy of the profile), those this onnxruntime has, in order, with the target's
     provider options; when its first choice is not here, the next one present (else CPU) and a
     one-line warning."""
-    from edgecompress import profiles
+    from edgecompress.targets import profiles
     from edgecompress.errors import EdgeCompressError
 
     if providers:

@@ -1,4 +1,5 @@
-"""Target profiles: one TOML file per device, shipped as package data (see edgecompress.profiles)."""
+"""Target profiles: the schema (profiles.py: TargetProfile, its bounds and policies, devices and dtypes) and one TOML
+file per device, shipped as package data."""
 
 from edgecompress.folder_names import defer_to_installed, imported_by_folder_name
 

@@ -27,6 +27,16 @@ def tiny_qwen2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def calibration_file(tmp_path_factory):
+    """Calibration text in the tiny models' vocabulary (two windows of 16 tokens and more)."""
+    from tests.tiny_models import WORDS
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(WORDS * 6) + " .\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_artifact(tiny_llama_dir, tmp_path_factory):
     """One built and verified artifact, shared by the tests that only read it."""
     from edgecompress import api

@@ -15,13 +15,6 @@ CALIB = dict(calib_sequences=2, calib_seq_len=16)
 
 
 @pytest.fixture(scope="module")
-def calibration_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(WORDS * 6) + " .\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def evaluation_file(tmp_path_factory):
     """Text built here, enough for the build's default 40 windows of 512 tokens of the tiny vocabulary."""
     import random

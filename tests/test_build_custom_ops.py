@@ -200,7 +200,8 @@ def test_an_uncompressed_build_needs_no_library(tiny_llama_dir, profile_file, tm
 
 
 def test_a_plain_cpu_build_registers_nothing():
-    from edgecompress import pipeline, profiles
+    from edgecompress import pipeline
+    from edgecompress.targets import profiles
 
     assert pipeline.session_options(profiles.load_profile("cpu-x86"))["custom_op_libraries"] == []
 

@@ -9,17 +9,9 @@ import pytest
 
 from edgecompress import api
 from tests.helpers import assert_one_line_error, environment_without_data, run_cli
-from tests.tiny_models import WORDS
 
 CALIB = dict(calib_sequences=2, calib_seq_len=16)
 OPS = {"monarch": "MonarchMatMul", "blast": "BlastMatMul"}
-
-
-@pytest.fixture(scope="module")
-def calibration_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(WORDS * 6) + " .\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

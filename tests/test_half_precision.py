@@ -7,7 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from edgecompress import contract, half_precision, profiles
+from edgecompress import contract, half_precision
+from edgecompress.targets import profiles
 from edgecompress.activation_scan import ActivationScan
 from edgecompress.errors import VerificationError
 from edgecompress.half_precision import Fp16Text, convert_and_validate, mask_tensors, plan_blocks

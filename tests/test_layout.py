@@ -73,3 +73,12 @@ def test_the_profile_verb_does_not_import_torch_transformers_or_onnx(tiny_llama_
     )
     result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     assert "heavy: []" in result.stdout and '"schema": "edgecompress.profile/1"' in result.stdout
+
+
+def test_runtimes_and_the_target_schema_import_no_compiler_module():
+    """The runtime side (and the target schema it reads) loads only the contract, the errors and targets/."""
+    modules = ", ".join(f"edgecompress.runtimes.{name}" for name in RUNTIME_MODULES)
+    loaded = _modules_after_import(f"{modules}, edgecompress.runtimes.profiler.run, edgecompress.targets.profiles")
+    ours = {m for m in loaded if m.startswith("edgecompress") and not m.startswith(("edgecompress.runtimes",
+                                                                                     "edgecompress.targets"))}
+    assert ours <= {"edgecompress", "edgecompress.contract", "edgecompress.errors", "edgecompress.folder_names"}, ours

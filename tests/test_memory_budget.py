@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from edgecompress import api, memory_budget as mb, profiles
+from edgecompress import api, memory_budget as mb
+from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError
 from edgecompress.methods import resolve_method
 from edgecompress.options import DEFAULT_METHOD, WeightFormats
 from tests.helpers import assert_one_line_error, run_cli
 from tests.tiny_models import save_tiny_model
-from tests.test_build_compressed import CALIB, calibration_file, evaluation_file  # noqa: F401 (fixtures)
+from tests.test_build_compressed import CALIB, evaluation_file  # noqa: F401 (fixture)
 
 # smollm2-135m's counts (tied lm_head): 30 layers, 3 KV heads of 64, 8192 positions.
 SMOLLM2 = mb.ModelShape(134_515_008, 106_168_320, 28_311_552, True, 30, 3, 64, 8192)

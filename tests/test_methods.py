@@ -20,7 +20,7 @@ from edgecompress.methods import (
 )
 from edgecompress.options import check_structure
 from tests.helpers import random_calibration
-from tests.tiny_models import WORDS, make_model
+from tests.tiny_models import make_model
 
 TOY = Method("toy: the smallest singular groups", factors=FactorChoice(
     "weight", "smallest", stage=Stage("factors", "tests.toy_methods:smallest_sigma_factors")))
@@ -53,16 +53,14 @@ def test_a_malformed_entry_is_refused_where_it_is_written(make):
         make()
 
 
-def test_a_new_method_is_one_entry(tiny_llama_dir, tmp_path, monkeypatch):
+def test_a_new_method_is_one_entry(tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
     """Registered in METHODS only: the build, its checks, the plan and the artifact take it as any other."""
     monkeypatch.setitem(METHODS, "toy", TOY)
     assert check_method("toy") is TOY
     with pytest.raises(EdgeCompressError, match="scores singular groups|projects each weight"):
         check_structure("monarch", None, "toy")  # its factors are no projection of the weight
-    calibration = tmp_path / "calib.txt"
-    calibration.write_text(" ".join(WORDS * 6) + " .\n")
     out = tmp_path / "toy"
-    report = api.build(str(tiny_llama_dir), "cpu-x86", out, ratio=0.1, method="toy", calibration=str(calibration),
+    report = api.build(str(tiny_llama_dir), "cpu-x86", out, ratio=0.1, method="toy", calibration=calibration_file,
                        eval_limit=0, calib_sequences=2, calib_seq_len=16)
     assert report["verification"]["passed"]
     plan = json.loads((out / "plan" / "plan.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgecompress import profiles
+from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError
 
 MINIMAL = 'name="mine"\ndescription="x"\ndevice="cpu"\nexecution_provider="CPUExecutionProvider"\ndtype="float32"\n'

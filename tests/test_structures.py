@@ -16,7 +16,6 @@ from edgecompress import api, structures
 from edgecompress.kernels import reference
 from edgecompress.plan import low_rank_rank
 from edgecompress.structures import BLAST, LOWRANK, MONARCH, STRUCTURES
-from tests.tiny_models import WORDS
 
 
 def test_every_entry_matches_its_kernel_and_homes():
@@ -49,14 +48,12 @@ def _half_monarch_rank(out_features, in_features, rank, blocks):
     return max(blocks, MONARCH.rank_for(out_features, in_features, rank, blocks) // (2 * blocks) * blocks)
 
 
-def test_a_new_structure_is_one_entry(tiny_llama_dir, tmp_path, monkeypatch):
+def test_a_new_structure_is_one_entry(tiny_llama_dir, calibration_file, tmp_path, monkeypatch):
     toy = dataclasses.replace(MONARCH, name="toy", rank_rule=_half_monarch_rank, summary="half-rank Monarch")
     monkeypatch.setitem(STRUCTURES, "toy", toy)
-    calibration = tmp_path / "calib.txt"
-    calibration.write_text(" ".join(WORDS * 6) + " .\n")
     out = tmp_path / "toy"
     report = api.build(str(tiny_llama_dir), "cpu-x86", out, ratio=0.1, method="grasp-w", structure="toy",
-                       calibration=str(calibration), eval_limit=0, calib_sequences=2, calib_seq_len=16)
+                       calibration=calibration_file, eval_limit=0, calib_sequences=2, calib_seq_len=16)
     assert report["verification"]["passed"]
     plan = json.loads((out / "plan" / "plan.json").read_text())
     linears = [lin for layer in plan["layers"] if layer["action"] == "replace" for lin in layer["linears"]]

@@ -9,42 +9,22 @@ is written; block_diag_kernel then computes Y_k = z_k·U[k] into the final layou
 import triton
 import triton.language as tl
 
+from .tiles import dot_k_loop
+
 
 @triton.jit
 def blast_partial_kernel(
-    x_ptr,
-    v_ptr,
-    s_ptr,
-    z_ptr,
-    M,
-    NB,
-    P,
-    R,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    x_ptr, v_ptr, s_ptr, z_ptr,  # tensors
+    M, NB, P, R,  # sizes and flags
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, BLOCK_K)
     outs = tl.arange(0, BLOCK_B)
     acc = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_R), dtype=tl.float32)
     for blk in range(NB):
-        y = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, P, BLOCK_K):
-            kk = k0 + ks
-            xt = tl.load(
-                x_ptr + rows[:, None] * (NB * P) + blk * P + kk[None, :],
-                mask=(rows[:, None] < M) & (kk[None, :] < P),
-                other=0.0,
-            )
-            vt = tl.load(
-                v_ptr + blk * P * R + kk[:, None] * R + rr[None, :],
-                mask=(kk[:, None] < P) & (rr[None, :] < R),
-                other=0.0,
-            )
-            y = tl.dot(xt, vt, y, input_precision="ieee")
+        y = dot_k_loop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr + blk * P, v_ptr + blk * P * R, rows, rr,
+                       M, P, R, NB * P, R, BLOCK_K)
         st = tl.load(
             s_ptr + blk * NB * R + outs[:, None] * R + rr[None, :],
             mask=(outs[:, None] < NB) & (rr[None, :] < R),

@@ -7,44 +7,19 @@ of the [M, b·q] output, so there is no trailing permutation or copy.
 import triton
 import triton.language as tl
 
+from .tiles import add_bias, dot_k_loop, store_tile
+
 
 @triton.jit
 def block_diag_kernel(
-    z_ptr,
-    w_ptr,
-    bias_ptr,
-    y_ptr,
-    M,
-    NB,
-    C,
-    Q,
-    has_bias,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    z_ptr, w_ptr, bias_ptr, y_ptr,  # tensors
+    M, NB, C, Q, has_bias,  # sizes and flags
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     blk = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        kk = k0 + ks
-        zt = tl.load(
-            z_ptr + rows[:, None] * (NB * C) + blk * C + kk[None, :],
-            mask=(rows[:, None] < M) & (kk[None, :] < C),
-            other=0.0,
-        )
-        wt = tl.load(
-            w_ptr + blk * C * Q + kk[:, None] * Q + cols[None, :],
-            mask=(kk[:, None] < C) & (cols[None, :] < Q),
-            other=0.0,
-        )
-        acc = tl.dot(zt, wt, acc, input_precision="ieee")
-    if has_bias != 0:
-        acc += tl.load(bias_ptr + blk * Q + cols, mask=cols < Q, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + rows[:, None] * (NB * Q) + blk * Q + cols[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(rows[:, None] < M) & (cols[None, :] < Q),
-    )
+    acc = dot_k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), z_ptr + blk * C, w_ptr + blk * C * Q, rows, cols,
+                     M, C, Q, NB * C, Q, BLOCK_K)
+    acc = add_bias(acc, bias_ptr + blk * Q, cols, Q, has_bias)
+    store_tile(y_ptr + blk * Q, acc, rows, cols, M, Q, NB * Q)

@@ -22,9 +22,18 @@ BLAST_MAX_BLOCKS = 16  # the fp32 accumulator is BLOCK_B x BLOCK_M x BLOCK_R reg
 class Kernel:
     name: str  # the Triton function (and cubin entry) name
     module: str  # edgecompress.kernels.triton.<module>
-    params: tuple  # runtime parameters in order: (name, "ptr" | "i32")
-    tiles: tuple  # constexpr names, in the order of the header's tile columns
+    param_names: str  # runtime parameters in order, space-separated: "*_ptr" are pointers, the rest i32
+    tile_names: str  # constexpr names, in the order of the header's tile columns
     configs: dict  # config name -> {tile: value, "num_warps": .., "num_stages": ..}
+
+    @property
+    def params(self) -> tuple:
+        """(name, "ptr" | "i32") in order (compile_one checks them against the kernel's own signature)."""
+        return tuple((name, "ptr" if name.endswith("_ptr") else "i32") for name in self.param_names.split())
+
+    @property
+    def tiles(self) -> tuple:
+        return tuple(self.tile_names.split())
 
 
 def _cfg(num_warps=4, num_stages=2, **tiles):
@@ -37,19 +46,8 @@ KERNELS = {
         Kernel(
             "lowrank_fused_kernel",
             "lowrank",
-            (
-                ("x_ptr", "ptr"),
-                ("a_ptr", "ptr"),
-                ("b_ptr", "ptr"),
-                ("bias_ptr", "ptr"),
-                ("y_ptr", "ptr"),
-                ("M", "i32"),
-                ("K", "i32"),
-                ("R", "i32"),
-                ("N", "i32"),
-                ("has_bias", "i32"),
-            ),
-            ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"),
+            "x_ptr a_ptr b_ptr bias_ptr y_ptr M K R N has_bias",
+            "BLOCK_M BLOCK_N BLOCK_K BLOCK_R",
             {
                 "m16": _cfg(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, BLOCK_R=32),
                 "m64": _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=64),
@@ -58,17 +56,8 @@ KERNELS = {
         Kernel(
             "gemm_kernel",
             "gemm",
-            (
-                ("x_ptr", "ptr"),
-                ("w_ptr", "ptr"),
-                ("bias_ptr", "ptr"),
-                ("y_ptr", "ptr"),
-                ("M", "i32"),
-                ("K", "i32"),
-                ("N", "i32"),
-                ("has_bias", "i32"),
-            ),
-            ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "x_ptr w_ptr bias_ptr y_ptr M K N has_bias",
+            "BLOCK_M BLOCK_N BLOCK_K",
             {
                 "m16": _cfg(num_stages=3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
                 "m128": _cfg(num_stages=3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
@@ -77,49 +66,22 @@ KERNELS = {
         Kernel(
             "monarch_permute_kernel",
             "monarch",
-            (
-                ("x_ptr", "ptr"),
-                ("w1_ptr", "ptr"),
-                ("zp_ptr", "ptr"),
-                ("M", "i32"),
-                ("NB", "i32"),
-                ("P", "i32"),
-                ("R", "i32"),
-            ),
-            ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "x_ptr w1_ptr zp_ptr M NB P R",
+            "BLOCK_M BLOCK_N BLOCK_K",
             {"m64": _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)},
         ),
         Kernel(
             "block_diag_kernel",
             "block_diag",
-            (
-                ("z_ptr", "ptr"),
-                ("w_ptr", "ptr"),
-                ("bias_ptr", "ptr"),
-                ("y_ptr", "ptr"),
-                ("M", "i32"),
-                ("NB", "i32"),
-                ("C", "i32"),
-                ("Q", "i32"),
-                ("has_bias", "i32"),
-            ),
-            ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "z_ptr w_ptr bias_ptr y_ptr M NB C Q has_bias",
+            "BLOCK_M BLOCK_N BLOCK_K",
             {"m64": _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)},
         ),
         Kernel(
             "blast_partial_kernel",
             "blast",
-            (
-                ("x_ptr", "ptr"),
-                ("v_ptr", "ptr"),
-                ("s_ptr", "ptr"),
-                ("z_ptr", "ptr"),
-                ("M", "i32"),
-                ("NB", "i32"),
-                ("P", "i32"),
-                ("R", "i32"),
-            ),
-            ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_B"),
+            "x_ptr v_ptr s_ptr z_ptr M NB P R",
+            "BLOCK_M BLOCK_R BLOCK_K BLOCK_B",
             {
                 "b4": _cfg(BLOCK_M=32, BLOCK_R=32, BLOCK_K=32, BLOCK_B=4),
                 "b8": _cfg(BLOCK_M=32, BLOCK_R=32, BLOCK_K=32, BLOCK_B=8),

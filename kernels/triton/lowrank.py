@@ -9,45 +9,22 @@ Every N tile recomputes its X·A (re-reading A, normally from L2): see configs.l
 import triton
 import triton.language as tl
 
+from .tiles import add_bias, dot_k_loop, store_tile
+
 
 @triton.jit
 def lowrank_fused_kernel(
-    x_ptr,
-    a_ptr,
-    b_ptr,
-    bias_ptr,
-    y_ptr,
-    M,
-    K,
-    R,
-    N,
-    has_bias,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    x_ptr, a_ptr, b_ptr, bias_ptr, y_ptr,  # tensors
+    M, K, R, N, has_bias,  # sizes and flags
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     rs = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + rs
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            xt = tl.load(
-                x_ptr + rows[:, None] * K + kk[None, :], mask=(rows[:, None] < M) & (kk[None, :] < K), other=0.0
-            )
-            at = tl.load(a_ptr + kk[:, None] * R + rr[None, :], mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
-            t = tl.dot(xt, at, t, input_precision="ieee")
+        t = dot_k_loop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, rows, rr, M, K, R, K, R, BLOCK_K)
         bt = tl.load(b_ptr + rr[:, None] * N + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < N), other=0.0)
         acc = tl.dot(t.to(x_ptr.dtype.element_ty), bt, acc, input_precision="ieee")
-    if has_bias != 0:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + rows[:, None] * N + cols[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(rows[:, None] < M) & (cols[None, :] < N),
-    )
+    store_tile(y_ptr, add_bias(acc, bias_ptr, cols, N, has_bias), rows, cols, M, N, N)

@@ -8,6 +8,8 @@ block_diag_kernel reads): the stride permutation costs no extra pass. Zp is roun
 import triton
 import triton.language as tl
 
+from .tiles import dot_k_loop
+
 
 @triton.jit
 def monarch_permute_kernel(
@@ -16,21 +18,8 @@ def monarch_permute_kernel(
     blk = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chans = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, P, BLOCK_K):
-        kk = k0 + ks
-        xt = tl.load(
-            x_ptr + rows[:, None] * (NB * P) + blk * P + kk[None, :],
-            mask=(rows[:, None] < M) & (kk[None, :] < P),
-            other=0.0,
-        )
-        wt = tl.load(
-            w1_ptr + blk * P * R + kk[:, None] * R + chans[None, :],
-            mask=(kk[:, None] < P) & (chans[None, :] < R),
-            other=0.0,
-        )
-        acc = tl.dot(xt, wt, acc, input_precision="ieee")
+    acc = dot_k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr + blk * P, w1_ptr + blk * P * R, rows, chans,
+                     M, P, R, NB * P, R, BLOCK_K)
     s = R // NB
     dest = (chans // s) * R + blk * s + chans % s  # the stride permutation
     tl.store(

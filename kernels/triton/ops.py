@@ -55,32 +55,37 @@ def _block_diag(z, w, bias, y, m, blocks, c, q):
     _launch(block_diag_kernel, "block_diag_kernel", "m64", grid, z, w, bias_arg, y, m, blocks, c, q, has_bias)
 
 
-def monarch_matmul(x, w1, w2, bias=None):
-    blocks, p, r = w1.shape
-    q = w2.shape[2]
+def _two_stage(x, second, bias, first_stage):
+    """Monarch and BLAST: Z [M, b, r] from the op's first stage, then Y [M, b·q] = the block-diagonal Z_k·second[k]."""
+    blocks, r, q = second.shape
     m = x.shape[0]
     y = torch.empty((m, blocks * q), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    zp = torch.empty((m, blocks, r), dtype=x.dtype, device=x.device)
-    tiles = configs.KERNELS["monarch_permute_kernel"].configs["m64"]
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, tiles["BLOCK_N"]), blocks)
-    _launch(monarch_permute_kernel, "monarch_permute_kernel", "m64", grid, x, w1, zp, m, blocks, p, r)
-    _block_diag(zp, w2, bias, y, m, blocks, r, q)
+    z = torch.empty((m, blocks, r), dtype=x.dtype, device=x.device)
+    first_stage(z, m)
+    _block_diag(z, second, bias, y, m, blocks, r, q)
     return y
+
+
+def monarch_matmul(x, w1, w2, bias=None):
+    blocks, p, r = w1.shape
+
+    def permute(zp, m):
+        tiles = configs.KERNELS["monarch_permute_kernel"].configs["m64"]
+        grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, tiles["BLOCK_N"]), blocks)
+        _launch(monarch_permute_kernel, "monarch_permute_kernel", "m64", grid, x, w1, zp, m, blocks, p, r)
+
+    return _two_stage(x, w2, bias, permute)
 
 
 def blast_matmul(x, u, s, v, bias=None):
     blocks, p, r = v.shape
-    q = u.shape[2]
-    m = x.shape[0]
-    y = torch.empty((m, blocks * q), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    config = configs.blast_config(blocks)
-    z = torch.empty((m, blocks, r), dtype=x.dtype, device=x.device)
-    tiles = configs.KERNELS["blast_partial_kernel"].configs[config]
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, tiles["BLOCK_R"]))
-    _launch(blast_partial_kernel, "blast_partial_kernel", config, grid, x, v, s, z, m, blocks, p, r)
-    _block_diag(z, u, bias, y, m, blocks, r, q)
-    return y
+
+    def partial(z, m):
+        config = configs.blast_config(blocks)
+        tiles = configs.KERNELS["blast_partial_kernel"].configs[config]
+        grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(r, tiles["BLOCK_R"]))
+        _launch(blast_partial_kernel, "blast_partial_kernel", config, grid, x, v, s, z, m, blocks, p, r)
+
+    return _two_stage(x, u, bias, partial)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompress import contract, profiles
+from edgecompress import contract
+from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError
 from edgecompress.runtimes.artifact_files import artifact_folder, read_json, verify_manifest
 from edgecompress.runtimes.decoder import KVLayout

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecompress import profiles
+from edgecompress.targets import profiles
 from edgecompress.runtimes.profiler import roofline
 from edgecompress.runtimes.profiler.artifact import open_artifact
 from edgecompress.runtimes.profiler.settings import ProfileSettings, Shape

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgecompress import profiles
+from edgecompress.targets import profiles
 from edgecompress.errors import first_line
 from edgecompress.runtimes.artifact_files import load_tokenizer
 from edgecompress.runtimes.errors import ArtifactRuntimeError

@@ -7,7 +7,8 @@ import json
 import onnxruntime as ort
 import pytest
 
-from edgecompress import contract, profiles
+from edgecompress import contract
+from edgecompress.targets import profiles
 from edgecompress.runtimes.artifact_files import artifact_providers
 from edgecompress.runtimes.errors import ArtifactRuntimeError
 
@@ -45,7 +46,7 @@ def test_asked_providers_win_and_an_old_report_means_cpu(tmp_path):
 
 
 def test_genai_config_names_the_targets_provider():
-    from edgecompress import profiles
+    from edgecompress.targets import profiles
 
     nano = profiles.load_profile("jetson-orin")
     options = contract.genai_provider_options(nano.execution_provider, nano.provider_options)

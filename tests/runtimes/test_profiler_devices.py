@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from edgecompress import profiles
+from edgecompress.targets import profiles
 from edgecompress.runtimes.profiler import ProfileSettings, fingerprint, memory, profile_artifact
 
 LINE = ("RAM 2100/7620MB (lfb 157x4MB) SWAP 0/3810MB CPU [10%@1497] EMC_FREQ 40%@2133 GR3D_FREQ 60%@[612] "

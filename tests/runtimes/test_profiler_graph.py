@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgecompress import profiles
+from edgecompress.targets import profiles
 from edgecompress.runtimes.profiler import fingerprint, memory, roofline
 from edgecompress.runtimes.profiler.onnx_graph import LOW_RANK_KEY, read_graph
 from edgecompress.runtimes.profiler.ops import classify, load_trace, op_profile, split_runs

@@ -16,9 +16,9 @@ from typing import Any
 
 from edgecompress import contract
 from edgecompress.errors import EdgeCompressError
-from edgecompress.options import DEVICES
 
 DEFAULT_TARGET = "cpu-x86"
+DEVICES = ("cpu", "cuda")  # where an artifact runs (and where attribution may run: options.check_device)
 DTYPES = ("float32", "float16", "bfloat16")
 BUILT_DTYPES = ("float32", "float16")  # what this version builds (bfloat16: only as the fp16 escalation)
 
