@@ -381,6 +381,10 @@ def eval_artifact(
         raise EdgeCompressError("--num-fewshot, --include-path and --output go with --tasks")
     result = api.eval(out, data, limit=limit, seq_len=seq_len, batch_size=batch_size, threads=threads,
                       reference=reference)
+    _print_perplexity(result, as_json, quiet)
+
+
+def _print_perplexity(result: dict[str, Any], as_json: bool, quiet: bool) -> None:
     for warning in result.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if as_json:

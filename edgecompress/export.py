@@ -157,15 +157,8 @@ def _name_io_dims(model: Any) -> None:
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
-def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers: int | None = None,
-                 provider_options: list[dict] | None = None) -> dict[str, Any]:
-    """genai_config.json for onnxruntime-genai; search settings come from the generation config.
-
-    `num_layers`: the decoder layers the graph keeps (fewer than the config's after layer removal);
-    `provider_options`: the target's provider and its options (contract.genai_provider_options; CPU: []).
-    Long only because it is one literal: the file's whole layout, readable as it will be written."""
-    config_layers, kv_heads, head_dim = kv_geometry(config)
-    num_layers = config_layers if num_layers is None else num_layers
+def _special_tokens(generation_config: Any, tokenizer: Any) -> tuple[Any, list, Any]:
+    """(bos, eos list, pad): the generation config's, else the tokenizer's (pad: else the first eos)."""
     gen = generation_config
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
@@ -175,55 +168,63 @@ def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_list[0]
     bos = getattr(gen, "bos_token_id", None)
-    if bos is None:
-        bos = tokenizer.bos_token_id
+    return (tokenizer.bos_token_id if bos is None else bos), eos_list, pad
+
+
+def _genai_search(gen: Any, context: int) -> dict[str, Any]:
+    """The `search` section: greedy unless the generation config samples, then its sampling settings."""
     do_sample = bool(getattr(gen, "do_sample", False))
-    context = int(getattr(config, "max_position_embeddings", 2048))
     return {
-        "model": {
-            "type": GENAI_TYPES[config.model_type],
-            "bos_token_id": bos,
-            "eos_token_id": eos_list,
-            "pad_token_id": pad,
-            "vocab_size": config.vocab_size,
-            "context_length": context,
-            "decoder": {
-                "filename": MODEL_FILE,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options or []},
-                "head_size": head_dim,
-                "hidden_size": config.hidden_size,
-                "num_attention_heads": config.num_attention_heads,
-                "num_key_value_heads": kv_heads,
-                "num_hidden_layers": num_layers,
-                "inputs": {
-                    "input_ids": contract.INPUT_IDS,
-                    "attention_mask": contract.ATTENTION_MASK,
-                    "position_ids": contract.POSITION_IDS,
-                    "past_key_names": contract.KV_NAMES["past_key"],
-                    "past_value_names": contract.KV_NAMES["past_value"],
-                },
-                "outputs": {
-                    "logits": contract.LOGITS,
-                    "present_key_names": contract.KV_NAMES["present_key"],
-                    "present_value_names": contract.KV_NAMES["present_value"],
-                },
-            },
+        "do_sample": do_sample,
+        "early_stopping": True,
+        "length_penalty": float(getattr(gen, "length_penalty", 1.0) or 1.0),
+        "max_length": context,
+        "min_length": 0,
+        "no_repeat_ngram_size": int(getattr(gen, "no_repeat_ngram_size", 0) or 0),
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "past_present_share_buffer": False,
+        "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
+        "temperature": float(getattr(gen, "temperature", 1.0) or 1.0) if do_sample else 1.0,
+        "top_k": int(getattr(gen, "top_k", 50) or 50) if do_sample else 1,
+        "top_p": float(getattr(gen, "top_p", 1.0) or 1.0) if do_sample else 1.0,
+    }
+
+
+def genai_config(config: Any, generation_config: Any, tokenizer: Any, num_layers: int | None = None,
+                 provider_options: list[dict] | None = None) -> dict[str, Any]:
+    """genai_config.json for onnxruntime-genai; search settings come from the generation config.
+
+    `num_layers`: the decoder layers the graph keeps (fewer than the config's after layer removal);
+    `provider_options`: the target's provider and its options (contract.genai_provider_options; CPU: [])."""
+    config_layers, kv_heads, head_dim = kv_geometry(config)
+    bos, eos_list, pad = _special_tokens(generation_config, tokenizer)
+    context = int(getattr(config, "max_position_embeddings", 2048))
+    decoder = {
+        "filename": MODEL_FILE,
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options or []},
+        "head_size": head_dim,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": kv_heads,
+        "num_hidden_layers": config_layers if num_layers is None else num_layers,
+        "inputs": {
+            "input_ids": contract.INPUT_IDS,
+            "attention_mask": contract.ATTENTION_MASK,
+            "position_ids": contract.POSITION_IDS,
+            "past_key_names": contract.KV_NAMES["past_key"],
+            "past_value_names": contract.KV_NAMES["past_value"],
         },
-        "search": {
-            "do_sample": do_sample,
-            "early_stopping": True,
-            "length_penalty": float(getattr(gen, "length_penalty", 1.0) or 1.0),
-            "max_length": context,
-            "min_length": 0,
-            "no_repeat_ngram_size": int(getattr(gen, "no_repeat_ngram_size", 0) or 0),
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": False,
-            "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
-            "temperature": float(getattr(gen, "temperature", 1.0) or 1.0) if do_sample else 1.0,
-            "top_k": int(getattr(gen, "top_k", 50) or 50) if do_sample else 1,
-            "top_p": float(getattr(gen, "top_p", 1.0) or 1.0) if do_sample else 1.0,
+        "outputs": {
+            "logits": contract.LOGITS,
+            "present_key_names": contract.KV_NAMES["present_key"],
+            "present_value_names": contract.KV_NAMES["present_value"],
         },
+    }
+    return {
+        "model": {"type": GENAI_TYPES[config.model_type], "bos_token_id": bos, "eos_token_id": eos_list,
+                  "pad_token_id": pad, "vocab_size": config.vocab_size, "context_length": context, "decoder": decoder},
+        "search": _genai_search(generation_config, context),
     }
 
 

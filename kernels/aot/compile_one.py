@@ -30,6 +30,29 @@ def _ptx_isa(ptx: str) -> str:
     return match.group(1) if match else "unknown"
 
 
+def _launch_problems(meta, sm: int, params: list[str], spec, n_ptx: int) -> list[str]:
+    """What would keep the C++ launcher from running this cubin as configs.py describes it."""
+    problems = []
+    if meta.global_scratch_size or meta.profile_scratch_size:
+        problems.append(
+            f"needs scratch memory (global {meta.global_scratch_size}, profile {meta.profile_scratch_size})"
+        )
+    if meta.num_ctas != 1:
+        problems.append(f"num_ctas={meta.num_ctas}")
+    if meta.launch_cooperative_grid or meta.launch_pdl:
+        problems.append("needs a cooperative/PDL launch")
+    if meta.tensordesc_meta:
+        problems.append("takes TMA tensor descriptors")
+    if meta.shared > SHARED_OPTIN_BYTES[sm]:
+        problems.append(f"shared {meta.shared} B > sm_{sm}'s opt-in limit {SHARED_OPTIN_BYTES[sm]} B")
+    # The real runtime parameters (the signature minus constexprs, in the function's order) against configs.py's.
+    if params != [name for name, _ in spec.params]:
+        problems.append(f"runtime parameters {params} differ from configs.py's {[n for n, _ in spec.params]}")
+    if n_ptx != len(params) + HIDDEN_SCRATCH_PARAMS:
+        problems.append(f"PTX has {n_ptx} .params, expected {len(params)} + {HIDDEN_SCRATCH_PARAMS}")
+    return problems
+
+
 def compile_entry(kernel_name: str, dtype: str, sm: int, config: str) -> dict:
     """Compile and check; returns the table row plus 'cubin' (bytes) and 'ptx' (str)."""
     os.environ.update(ptxas_env(sm))
@@ -50,28 +73,11 @@ def compile_entry(kernel_name: str, dtype: str, sm: int, config: str) -> dict:
         target=GPUTarget("cuda", sm, 32),
         options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
     )
-    meta = compiled.metadata
-    problems = []
-    if meta.global_scratch_size or meta.profile_scratch_size:
-        problems.append(
-            f"needs scratch memory (global {meta.global_scratch_size}, profile {meta.profile_scratch_size})"
-        )
-    if meta.num_ctas != 1:
-        problems.append(f"num_ctas={meta.num_ctas}")
-    if meta.launch_cooperative_grid or meta.launch_pdl:
-        problems.append("needs a cooperative/PDL launch")
-    if meta.tensordesc_meta:
-        problems.append("takes TMA tensor descriptors")
-    if meta.shared > SHARED_OPTIN_BYTES[sm]:
-        problems.append(f"shared {meta.shared} B > sm_{sm}'s opt-in limit {SHARED_OPTIN_BYTES[sm]} B")
-    # The real runtime parameters: the signature minus constexprs, in the function's order.
     params = [name for name in fn.arg_names if compiled.src.signature[name] != "constexpr"]
-    if params != [name for name, _ in spec.params]:
-        problems.append(f"runtime parameters {params} differ from configs.py's {[n for n, _ in spec.params]}")
     ptx = compiled.asm["ptx"]
-    n_ptx = _entry_param_count(ptx, meta.name)
-    if n_ptx != len(params) + HIDDEN_SCRATCH_PARAMS:
-        problems.append(f"PTX has {n_ptx} .params, expected {len(params)} + {HIDDEN_SCRATCH_PARAMS}")
+    n_ptx = _entry_param_count(ptx, compiled.metadata.name)
+    problems = _launch_problems(compiled.metadata, sm, params, spec, n_ptx)
+    meta = compiled.metadata
     if problems:
         raise KernelBuildError(f"{label}: " + "; ".join(problems))
     return {
