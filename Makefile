@@ -28,7 +28,7 @@ EDGECOMPRESS_DATA ?= $(EC_SHARED_DATA)
 export EDGECOMPRESS_DATA
 endif
 
-.PHONY: install kernels demo test test-fast test-latest lock wheel-smoke bench bench-deps bench-speed clean
+.PHONY: install kernels demo test test-fast test-latest lock wheel-smoke runtime-wheel runtime-smoke bench bench-deps bench-speed clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,14 @@ lock:
 # The built wheel, installed non-editable in a fresh venv, runs build/generate/inspect (downloads).
 wheel-smoke: install
 	BUILD_PYTHON=$(BIN)/python TORCH_SPEC="$(TORCH_SPEC)" CONSTRAINTS="$(CONSTRAINTS)" .ci/wheel_smoke.sh
+
+# The runtime-only distribution (edgecompress-runtime: run, evaluate, profile, inspect; no torch, no onnxruntime
+# dependency of its own) into dist/; runtime-smoke installs it beside onnxruntime and onnxruntime-gpu (downloads).
+runtime-wheel: kernels
+	$(BIN)/python packaging/runtime_wheel.py --out dist
+
+runtime-smoke: kernels
+	BUILD_PYTHON=$(BIN)/python CONSTRAINTS="$(CONSTRAINTS)" .ci/runtime_smoke.sh
 
 bench: install
 	$(BIN)/python bench/backbone.py

@@ -12,8 +12,7 @@ from typing import Any, get_type_hints
 from edgecompress import contract, options
 from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError, first_line
-from edgecompress.pipeline import Progress
-from edgecompress.pipeline import build as _run_build
+from edgecompress.progress import Progress
 
 
 def build(model: str | None = None, target: str | None = None, out: str | Path | None = None, *,
@@ -30,7 +29,19 @@ def build(model: str | None = None, target: str | None = None, out: str | Path |
     `context` tokens; without `ratio` or `plan`, a model that does not fit is compressed with `method` at the
     smallest ratio that fits, and the report's `memory` shows the arithmetic.
     """
-    return _run_build(options.build_options(model=model, target=target, out=out, **options_), progress)
+    return _pipeline().build(options.build_options(model=model, target=target, out=out, **options_), progress)
+
+
+def _pipeline():
+    """The build pipeline, imported on use: a runtime-only install (edgecompress-runtime) has none."""
+    try:
+        from edgecompress import pipeline
+    except ImportError as missing:
+        if not (missing.name or "").startswith("edgecompress"):
+            raise
+        raise EdgeCompressError("build needs the compiler: this is the runtime-only install (edgecompress-runtime); "
+                                "build on a machine with `pip install edgecompress`, then copy the artifact here") from None
+    return pipeline
 
 
 def _build_signature() -> Signature:
@@ -66,41 +77,42 @@ def clean(out: str | Path, unknown_owner: bool = False) -> dict[str, list[str]]:
 
 
 def inspect(out: str | Path) -> dict[str, Any]:
-    """What an artifact holds: graph size, parameters, layers, I/O, opset, custom ops, how it was built."""
-    import onnx
+    """What an artifact holds: graph size, parameters, layers, I/O, opset, custom ops, how it was built, and what
+    the device needs to run it. Reads the graph's structure only (runtimes' protobuf reader: no onnx package,
+    no weights read), so a runtime-only install inspects too."""
+    from edgecompress.runtimes.profiler.onnx_graph import ELEMENT_NAMES, read_graph
 
     folder = Path(out)
     model_file = folder / contract.MODEL_FILE if folder.is_dir() else folder
     if not model_file.is_file():
         raise EdgeCompressError(f"'{out}' is not an edgecompress artifact (no {contract.MODEL_FILE})")
     folder = model_file.parent
-    try:
-        proto = onnx.load(str(model_file), load_external_data=False)  # structure only, no weights read
-    except Exception as exc:
-        raise EdgeCompressError(f"'{model_file}' is not a readable ONNX model: {first_line(exc)}") from None
-    graph = proto.graph
-    params = sum(_numel(t.dims) for t in graph.initializer)
-    op_counts = Counter(node.op_type for node in graph.node)
+    graph = read_graph(model_file)
+    op_counts = Counter(node.op_type for node in graph.nodes)
     standard = {"", "ai.onnx"}
-    custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in standard})
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.nodes if n.domain not in standard})
     report = _read_json(folder / contract.REPORT_FILE)
     genai = _read_json(folder / contract.GENAI_CONFIG_FILE)
-    layers = genai.get("model", {}).get("decoder", {}).get("num_hidden_layers")
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+
+    def values(table: dict) -> list[dict[str, Any]]:
+        return [{"name": name, "dtype": ELEMENT_NAMES.get(elem, str(elem)), "shape": [0 if d is None else d for d in dims]}
+                for name, (elem, dims) in table.items()]
+
     return {
         "path": str(folder),
         "files": files,
         "size_bytes": sum(files.values()),
-        "nodes": len(graph.node),
+        "nodes": len(graph.nodes),
         "op_counts": dict(op_counts.most_common()),
-        "parameters": params,
-        "initializers": len(graph.initializer),
-        "layers": layers,
-        "opset": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
+        "parameters": sum(_numel(init.dims) for init in graph.initializers.values()),
+        "initializers": len(graph.initializers),
+        "layers": genai.get("model", {}).get("decoder", {}).get("num_hidden_layers"),
+        "opset": graph.opsets,
         "custom_ops": custom,
-        "inputs": [_describe_value(v) for v in graph.input],
-        "outputs": [_describe_value(v) for v in graph.output],
-        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "inputs": values(graph.inputs),
+        "outputs": values(graph.outputs),
+        "producer": graph.producer,
         "build": {
             "source": report.get("source"),
             "target": report.get("target", {}).get("name"),
@@ -109,6 +121,7 @@ def inspect(out: str | Path) -> dict[str, Any]:
             "edgecompress": report.get("edgecompress"),
             "verification_passed": report.get("verification", {}).get("passed"),
         },
+        "requirements": report.get("requirements"),
     }
 
 
@@ -117,14 +130,6 @@ def _numel(dims) -> int:
     for d in dims:
         total *= d
     return total
-
-
-def _describe_value(value) -> dict[str, Any]:
-    import onnx
-
-    tensor = value.type.tensor_type
-    dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": dims}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -137,6 +142,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # --- runtime verbs: torch-free, they only run onnxruntime on an existing artifact ---------------
+
+
+def check_runnable(out) -> Path:
+    """The artifact folder, checked against this machine's onnxruntime before anything imports it (none, or one
+    too old: one line naming what to install)."""
+    from edgecompress.runtimes.artifact_files import artifact_folder
+    from edgecompress.runtimes.onnxruntime_install import check
+
+    folder = artifact_folder(out)
+    check(folder)
+    return folder
 
 
 def eval(  # noqa: A001 - the verb is `edgecompress eval`
@@ -154,6 +170,7 @@ def eval(  # noqa: A001 - the verb is `edgecompress eval`
 
     With `reference` (e.g. the dense artifact), the same windows are scored on it too and the result
     holds its perplexity and the ratio."""
+    check_runnable(out)
     from edgecompress.runtimes.artifact_files import artifact_folder
     from edgecompress.runtimes.perplexity import evaluation_text, perplexity
 
@@ -196,6 +213,7 @@ def evaluate_tasks(
 
     folder = artifact_folder(out)
     verify_manifest(folder, hashes=False)  # a wrong folder fails now, not after lm-eval's task index is read
+    check_runnable(folder)
     names = [name.strip() for name in (tasks.split(",") if isinstance(tasks, str) else tasks) if name.strip()]
     if not names:
         raise EdgeCompressError("--tasks names no task (e.g. --tasks arc_easy,piqa)")
@@ -248,6 +266,7 @@ def generate(
 
     Greedy unless a temperature > 0 (or top-k, top-p, seed) asks for sampling. The result holds the token
     ids (the eos id included when reached), the text, why it stopped and timings."""
+    check_runnable(out)
     from edgecompress.runtimes.generate import TextGenerator
     from edgecompress.runtimes.sampling import SamplingSettings
 
@@ -298,6 +317,7 @@ def profile(
     a separate per-op/per-role pass (`ops`), and roofline estimates for `target` (default: the target
     OUT was built for). `output`: a folder for profile.{json,md,csv,png} and ort_trace.json;
     `compare`: a baseline profile.json for Δ % per test. Returns the profile.json dict."""
+    check_runnable(out)
     from edgecompress.runtimes.profiler import ProfileSettings, profile_artifact
 
     settings = ProfileSettings(

@@ -24,7 +24,7 @@ from rich.markup import escape
 
 from edgecompress import contract, options
 from edgecompress.errors import EdgeCompressError
-from edgecompress.pipeline import Progress
+from edgecompress.progress import Progress
 
 app = typer.Typer(
     name="edgecompress",
@@ -279,6 +279,12 @@ def inspect(
                       f"{build_info['edgecompress']} on {build_info['created']}")
         table.add_row("exporter", str(build_info["exporter"]))
         table.add_row("verified", str(build_info["verification_passed"]))
+    needs = info.get("requirements")
+    if needs:
+        library = needs["custom_op_library"]
+        table.add_row("needs", f"{needs['onnxruntime']} >= {needs['min_version']}, {needs['execution_provider']}"
+                      + (f", {library['file']} (onnxruntime C API {library['ort_api_version']}, cubins for sm "
+                         f"{', '.join(map(str, library['cuda_sms'])) or 'none'})" if library else ""))
     out_console.print(table)
 
 
@@ -514,6 +520,8 @@ def profile(
     """On-device latency profile of an artifact (llama-bench tests, vLLM/MLPerf metrics, memory, per-op time,
     roofline estimates)."""
     from edgecompress import api
+
+    api.check_runnable(out)  # before the profiler's modules import onnxruntime
     from edgecompress.runtimes.profiler.settings import parse_list, parse_pg
 
     if fmt not in PROFILE_FORMATS:
@@ -548,6 +556,11 @@ class _NoStatus:
 
 
 def main() -> None:
+    from edgecompress.runtimes.onnxruntime_install import both_edgecompress_distributions
+
+    clash = both_edgecompress_distributions()
+    if clash:
+        err_console.print(f"[bold yellow]warning:[/] {escape(clash)}", highlight=False, soft_wrap=True)
     try:
         app()
     except KeyboardInterrupt:

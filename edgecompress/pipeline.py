@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from edgecompress import __version__, artifact, contract, custom_ops, models
 from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError
+from edgecompress.progress import Progress
 from edgecompress.options import (
     DEFAULT_EVAL_WINDOWS,
     EVAL_SEQ_LEN,
@@ -33,18 +34,6 @@ from edgecompress.options import (
 )
 from edgecompress.methods import resolve_method
 from edgecompress.targets.profiles import BUILT_DTYPES, TargetProfile
-
-
-class Progress:
-    """What the pipeline tells the outside world. The CLI renders it; the API default is silent."""
-
-    def stage_started(self, name: str) -> None: ...
-
-    def stage_note(self, name: str, message: str) -> None: ...
-
-    def stage_finished(self, name: str, seconds: float) -> None: ...
-
-    def warning(self, message: str) -> None: ...
 
 
 @dataclass
@@ -398,6 +387,7 @@ def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, p
             "warnings": clock.warnings,
             "files": sorted(p.name for p in staging.iterdir()),
             "manifest": artifact.manifest(staging),
+            "requirements": profiles.runtime_requirements(inputs.profile, _custom_ops_manifest(staging)),
         }
         report["size_bytes"] = sum(entry["bytes"] for entry in report["manifest"].values())
         report["timings_s"] = clock.timings
@@ -406,6 +396,11 @@ def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, p
         report["machine"] = machine_description()
         (staging / contract.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _custom_ops_manifest(folder: Path) -> dict | None:
+    path = folder / contract.CUSTOM_OPS_MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _plan_summary(plan) -> dict[str, Any]:

@@ -93,6 +93,9 @@ def artifact_providers(folder: Path, providers: list[str] | None = None) -> tupl
     present = target.session_providers()
     if present[0][0] == target.execution_provider[0]:
         return present, []
+    from edgecompress.runtimes.onnxruntime_install import artifact_requirements, describe, install_hint
+
     missing = [name for name in target.execution_provider if name not in target.providers]
-    return present, [f"the artifact's target {target.name} runs on {', '.join(missing)}, which this "
-                     f"onnxruntime lacks; running on {present[0][0]}"]
+    hint = install_hint(artifact_requirements(folder) or profiles.runtime_requirements(target))
+    return present, [f"the artifact's target {target.name} runs on {', '.join(missing)}, which this onnxruntime "
+                     f"({describe()}) lacks; running on {present[0][0]}. To run it there: {hint}"]

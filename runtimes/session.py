@@ -69,12 +69,26 @@ def create_session(
                 ops_library.register(options, Path(library))
             except EdgeCompressError as exc:
                 raise RuntimeLoadError(first_line(exc)) from None
+    asked = providers or ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(
-            str(model_path(artifact)), sess_options=options, providers=providers or ["CPUExecutionProvider"],
+        session = ort.InferenceSession(
+            str(model_path(artifact)), sess_options=options, providers=asked,
             **({"provider_options": provider_options} if provider_options is not None else {}),
         )
     except RuntimeLoadError:
         raise
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise RuntimeLoadError(f"onnxruntime cannot load '{artifact}': {first_line(exc)}") from None
+    _check_first_provider(session, asked)
+    return session
+
+
+def _check_first_provider(session, asked: list) -> None:
+    """onnxruntime falls back to the CPU when a provider it lists cannot start (onnxruntime-gpu without a GPU or
+    its CUDA libraries): refuse that in one line rather than time or run the CPU under the provider's name."""
+    first = asked[0][0] if isinstance(asked[0], tuple) else asked[0]
+    if first not in session.get_providers():
+        raise RuntimeLoadError(
+            f"{first} is in this onnxruntime but did not start (no GPU, or its CUDA/cuDNN libraries are missing: "
+            f"onnxruntime's log says which); running on {session.get_providers()[0]} instead was refused, ask for "
+            f"it with --ep cpu")

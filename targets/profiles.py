@@ -8,6 +8,7 @@ be a field below: a misspelt or unknown key is refused with its name and the fil
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,10 @@ from edgecompress.errors import EdgeCompressError
 
 DEFAULT_TARGET = "cpu-x86"
 DEVICES = ("cpu", "cuda")  # where an artifact runs (and where attribution may run: options.check_device)
+# The onnxruntime distribution that serves each device's providers (a Jetson's onnxruntime-gpu comes from the
+# Jetson AI Lab wheel index), and the oldest onnxruntime an artifact runs on (its contrib ops; pyproject's bound).
+ONNXRUNTIME_DISTRIBUTIONS = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu"}
+MIN_ONNXRUNTIME = "1.20"
 DTYPES = ("float32", "float16", "bfloat16")
 BUILT_DTYPES = ("float32", "float16")  # what this version builds (bfloat16: only as the fp16 escalation)
 
@@ -143,6 +148,24 @@ class TargetProfile:
 
 
 DERIVED_KEYS = ("budget_gb", "peak_tflops", "origin")  # in describe(), not fields a profile file may set
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def runtime_requirements(profile: "TargetProfile", custom_ops: dict | None = None) -> dict[str, Any]:
+    """What a device needs to run an artifact built for `profile` (report.json's `requirements`): the onnxruntime
+    distribution and oldest version, the execution provider, and our op library when the graph uses it
+    (`custom_ops`: its manifest; it needs onnxruntime's C API version and ships cubins for some sms)."""
+    minimum, library = MIN_ONNXRUNTIME, None
+    if custom_ops:
+        info = custom_ops["library"]
+        minimum = max(minimum, f"1.{info['ort_api_version']}", key=version_tuple)
+        library = {"file": contract.CUSTOM_OPS_LIBRARY_FILE, "ops": info.get("ops", []),
+                   "ort_api_version": info["ort_api_version"], "cuda_sms": (info.get("cubins") or {}).get("sms", [])}
+    return {"onnxruntime": ONNXRUNTIME_DISTRIBUTIONS[profile.device], "min_version": minimum,
+            "execution_provider": profile.execution_provider[0], "custom_op_library": library}
 
 
 def from_description(described: dict[str, Any], origin: str) -> TargetProfile:

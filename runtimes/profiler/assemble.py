@@ -46,8 +46,9 @@ def assemble(item, shapes: list[Shape], settings, device: dict, schedule: list[d
         "roofline": _roofline(tests, cost, (bw, bw_source), (peak, peak_dtype), item.target, on_target),
         "ops": None,
         "warnings": warnings,
-        "notes": ["onnxruntime returns logits for every prompt position (the graph has no last-token output): "
-                  "TTFT includes the full logits tensor"],
+        "notes": [] if item.last_logits_only else [
+            "onnxruntime returns logits for every prompt position (the artifact has no logits_to_keep input, or IO "
+            "binding cannot feed it): TTFT includes the full logits tensor"],
     }
 
 

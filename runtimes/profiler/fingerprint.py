@@ -135,13 +135,18 @@ def _gb(mib: str) -> float | None:
 
 
 def software() -> dict:
-    try:
-        version = metadata.version("edgecompress")
-    except metadata.PackageNotFoundError:
-        version = None
+    from edgecompress.runtimes.onnxruntime_install import describe as onnxruntime_distributions
+
+    version = None
+    for name in ("edgecompress", "edgecompress-runtime"):  # the compiler, or the runtime-only install
+        try:
+            version = version or metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
     build_info = getattr(ort, "get_build_info", lambda: None)()
     return {
         "onnxruntime": ort.__version__,
+        "onnxruntime_distribution": onnxruntime_distributions(),  # onnxruntime, onnxruntime-gpu, a Jetson wheel
         "build_info": build_info,
         "providers": ort.get_available_providers(),
         "edgecompress": version,

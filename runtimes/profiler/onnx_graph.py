@@ -18,9 +18,12 @@ from edgecompress.runtimes.errors import ArtifactRuntimeError
 # onnx.TensorProto.DataType -> bytes per element (4-bit types: half a byte)
 ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16,
                  16: 2, 17: 1, 18: 1, 19: 1, 20: 1, 21: 0.5, 22: 0.5, 23: 0.5}
+# onnx.TensorProto.DataType -> numpy's dtype name (what `inspect` prints)
+ELEMENT_NAMES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+                 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
 # Field numbers from onnx.proto3.
-MODEL_GRAPH, MODEL_OPSET = 7, 8
-GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT = 1, 5, 11
+MODEL_PRODUCER, MODEL_PRODUCER_VERSION, MODEL_GRAPH, MODEL_OPSET = 2, 3, 7, 8
+GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 5, 11, 12
 NODE_INPUT, NODE_OUTPUT, NODE_NAME, NODE_OP, NODE_ATTRIBUTE, NODE_DOMAIN, NODE_METADATA = 1, 2, 3, 4, 5, 7, 9
 ATTR_NAME, ATTR_INT = 1, 3
 TENSOR_DIMS, TENSOR_TYPE, TENSOR_NAME, TENSOR_RAW, TENSOR_EXTERNAL = 1, 2, 8, 9, 13
@@ -55,6 +58,8 @@ class Graph:
     initializers: dict[str, Initializer]
     opsets: dict[str, int]
     inputs: dict[str, tuple[int, list]] = field(default_factory=dict)  # name -> (elem type, dims: int or str)
+    outputs: dict[str, tuple[int, list]] = field(default_factory=dict)
+    producer: str = ""  # "name version" of the tool that wrote the file
 
     def weights_of(self, node: Node) -> list[Initializer]:
         return [self.initializers[name] for name in node.inputs if name in self.initializers]
@@ -224,7 +229,7 @@ def read_graph(path: str | Path) -> Graph:
     """The top-level graph of `path` (no subgraphs: decoder exports have no control flow)."""
     try:
         buf = memoryview(Path(path).read_bytes())
-        graph_buf, opsets = None, {}
+        graph_buf, opsets, producer = None, {}, ["", ""]
         for number, _, value in fields(buf):
             if number == MODEL_GRAPH:
                 graph_buf = value
@@ -236,18 +241,20 @@ def read_graph(path: str | Path) -> Graph:
                     elif sub == 2:
                         version = sub_value
                 opsets[domain or "ai.onnx"] = version
+            elif number in (MODEL_PRODUCER, MODEL_PRODUCER_VERSION):
+                producer[number - MODEL_PRODUCER] = _text(value)
         if graph_buf is None:
             raise ValueError("no graph")
-        nodes, initializers, inputs = [], {}, {}
+        graph = Graph([], {}, opsets, producer=" ".join(producer).strip())
         for number, _, value in fields(graph_buf):
             if number == GRAPH_NODE:
-                nodes.append(_node(value))
+                graph.nodes.append(_node(value))
             elif number == GRAPH_INITIALIZER:
                 init = _initializer(value)
-                initializers[init.name] = init
-            elif number == GRAPH_INPUT:
+                graph.initializers[init.name] = init
+            elif number in (GRAPH_INPUT, GRAPH_OUTPUT):
                 name, elem, dims = _value_info(value)
-                inputs[name] = (elem, dims)
+                (graph.inputs if number == GRAPH_INPUT else graph.outputs)[name] = (elem, dims)
     except (OSError, ValueError, IndexError, UnicodeDecodeError) as exc:
         raise ArtifactRuntimeError(f"'{path}' is not a readable ONNX model: {exc}") from None
-    return Graph(nodes, initializers, opsets, inputs)
+    return graph

@@ -44,6 +44,7 @@ class Loaded:
     session: ort.InferenceSession | None = None
     runner: Runner | None = None
     layout: object = None  # the KV layout, kept when the session is released
+    last_logits_only: bool = False  # prefill asked for the last position's logits (logits_to_keep, no IO binding)
     load: dict = field(default_factory=dict)
     requests: list[list[Request]] = field(default_factory=list)
     ops: dict | None = None
@@ -96,6 +97,7 @@ def load(item: Loaded, settings: ProfileSettings, host: memory.HostMemory | None
                          host_rss_after_load_mb=host.current_mb())
     item.runner = Runner(item.session, item.io_binding)
     item.layout = item.runner.layout
+    item.last_logits_only = bool(item.runner.last_only) and not item.io_binding
 
 
 def release(item: Loaded) -> None:

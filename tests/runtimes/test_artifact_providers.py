@@ -30,8 +30,12 @@ def test_a_gpu_artifact_falls_back_to_cpu_with_one_warning(tmp_path):
         assert providers[0] == ("CUDAExecutionProvider", nano.provider_options["CUDAExecutionProvider"]) and not warnings
     else:
         assert providers == [("CPUExecutionProvider", {})]
+        from edgecompress.runtimes.onnxruntime_install import describe
+
         assert warnings == ["the artifact's target jetson-orin-nano runs on CUDAExecutionProvider, which this "
-                            "onnxruntime lacks; running on CPUExecutionProvider"]
+                            f"onnxruntime ({describe()}) lacks; running on CPUExecutionProvider. To run it there: "
+                            "pip install onnxruntime-gpu; on a Jetson, the Jetson AI Lab wheel for your JetPack "
+                            "(README: On the device)"]
 
 
 def test_a_malformed_report_target_is_one_line(tmp_path):
