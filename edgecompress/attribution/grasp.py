@@ -49,6 +49,44 @@ def accumulated_sigma_gradients(
     return sums
 
 
+def weight_sigma_gradients(
+    walker: LayerWalker,
+    bases: dict[str, SingularBasis],
+    start_layer: int,
+    hidden: list[torch.Tensor],
+    progress=None,
+) -> dict[str, torch.Tensor]:
+    """The same sums as accumulated_sigma_gradients, from the stock model's ordinary weight gradients.
+
+    With W = U diag(σ) Ṽᵀ (Ṽᵀ = Vt: Vᵀ for the weight basis, Vᵀ L⁻¹ for the whitened one), the chain rule gives
+    ∂L/∂σ_k = u_kᵀ (∂L/∂W) ṽ_k. No module is swapped: the model runs as it is, so a sharded or offloaded model
+    (FSDP2's fully_shard, an offload hook) gives the gradients its own way, and only ∂L/∂W [out, in] per target
+    is held, never the U, Ṽ copies of SigmaLinear. Equal to the σ path to float64 rounding (tests/attribution).
+    """
+    model = walker.model
+    weights = {name: model.get_submodule(name).weight for name in bases}
+    flags = {name: weight.requires_grad for name, weight in weights.items()}
+    sums = {name: torch.zeros(basis.sigma.numel(), dtype=torch.float64) for name, basis in bases.items()}
+    names = list(weights)
+    try:
+        for weight in weights.values():
+            weight.requires_grad_(True)
+        for batch in range(walker.n_batches):
+            with torch.enable_grad():
+                loss = walker.next_token_loss(hidden[batch], batch, start_layer)
+                gradients = torch.autograd.grad(loss, [weights[name] for name in names])
+            for name, gradient in zip(names, gradients):
+                basis = bases[name]
+                g = gradient.detach().double().to(basis.U.device)
+                sums[name] += ((basis.U.double().t() @ g) * basis.Vt.double()).sum(dim=1).cpu()
+            if progress is not None:
+                progress("gradient", batch + 1, walker.n_batches)
+    finally:
+        for name, weight in weights.items():
+            weight.requires_grad_(flags[name])
+    return sums
+
+
 def group_scores(basis: SingularBasis, gradient_sum: torch.Tensor, metric: str = "taylor") -> torch.Tensor:
     """I_k = |σ_k · G_k| ("taylor", the GRASP default) or |G_k| ("gradient")."""
     if check_score_metric(metric) == "taylor":

@@ -205,3 +205,34 @@ def test_end_to_end_refit_lowers_the_final_hidden_error():
     assert refit.settings["refit_steps"] == 30
     with pytest.raises(EdgeCompressError, match="refit_steps"):
         make_plan(model, calib, "grasp-wre", n_layers=1, ratio=None, refit_steps=0)
+
+
+@pytest.mark.parametrize("kind", ["weight", "whitened"])
+def test_sigma_gradients_from_the_stock_weight_gradient_equal_the_sigma_path(kind):
+    """weight_sigma_gradients (no module swapped: what a sharded model can run) against accumulated_sigma_gradients,
+    in float64, for every Linear of two layers scored together, in the weight and the whitened basis (enough tokens
+    for full-rank Gram matrices: a jittered, ill-conditioned whitening reconstructs W only to cond(L)·eps)."""
+    from edgecompress.attribution.grasp import weight_sigma_gradients
+    from edgecompress.attribution.layer_walker import layer_linears
+    from edgecompress.attribution.svd_llm import input_grams
+
+    model, calib = tiny_llama().double(), calibration(n=8, length=24)
+    stream = layer_scores(model, calib.input_ids, batch_size=2).stream
+    walker = LayerWalker(model, stream)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hidden = walker.dense_inputs([1, 2])
+    bases = {}
+    for index in (1, 2):
+        linears = layer_linears(walker.layers[index])
+        grams = input_grams(walker, index, linears, hidden[index]) if kind == "whitened" else None
+        for name, linear in linears.items():
+            basis = whitened_basis(linear, grams[name]) if grams else weight_basis(linear, torch.float64)
+            bases[f"model.layers.{index}.{name}"] = basis
+    sigma_path = accumulated_sigma_gradients(walker, bases, 1, hidden[1])
+    weight_path = weight_sigma_gradients(walker, bases, 1, hidden[1])
+    assert all(not p.requires_grad for p in model.parameters())  # flags restored
+    for name in bases:
+        scale = sigma_path[name].abs().max()
+        assert scale > 0
+        assert (weight_path[name] - sigma_path[name]).abs().max() <= 1e-12 * scale, name
