@@ -323,10 +323,16 @@ def verify_optimized_stage(clock: StageClock, staging: Path, fp32: Path, loaded,
         if precision and not precision["runs_on_build_machine"]:  # a bf16 artifact on the CPU provider
             return verify.verify_checker_only(staging, f"the {precision['dtype']} artifact cannot run on this "
                                                        "machine's onnxruntime providers; see precision for its twin")
-        return verify.verify_optimized(
+        result = verify.verify_optimized(
             staging, fp32, verify.prompt_ids(loaded.tokenizer), verification["greedy"]["onnxruntime"],
             inputs.formats.weights, inputs.profile, note, **session_options(inputs.profile),
         )
+    level = result["greedy"].get("accuracy_level_0")
+    if level is not None and not level["identical"]:
+        clock.warn(f"MatMulNBits accuracy level {', '.join(map(str, level['levels']))} changes the greedy tokens from "
+                   f"position {level['first_difference']} against level 0 (fp32 activations): the target's "
+                   "accuracy_level = 0 keeps them, slower on CPU")
+    return result
 
 
 def evaluate_stage(clock: StageClock, staging: Path, inputs: BuildInputs, fp32: Path | None,

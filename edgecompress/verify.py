@@ -375,6 +375,48 @@ def verify_optimized(artifact_dir: Path, reference_dir: Path, prompt: list[int],
               "first_difference": agree}
     if rule.exact:
         checks.append({"check": f"greedy {tokens} tokens identical", "passed": greedy["identical"]})
+    level = accuracy_level_agreement(artifact_dir, prompt, our_tokens, step, **session_kwargs)
+    if level is not None:
+        greedy["accuracy_level_0"] = level
     report = {"against": "the verified fp32 export", "weights": weights, "checks": checks, "greedy": greedy,
               "seconds": round(time.perf_counter() - started, 2)}
     return _raise_if_failed(report, rule, "optimized artifact failed verification")
+
+
+def accuracy_level_agreement(artifact_dir: Path, prompt: list[int], tokens_at_level: list[int], step: Callable,
+                             **session_kwargs) -> dict[str, Any] | None:
+    """The artifact's greedy tokens again with every MatMulNBits at accuracy level 0 (fp32 activations), against
+    its own level (4: int8 activations, onnxruntime's fast CPU kernel, reported to change greedy tokens on some
+    models). None when the graph has no MatMulNBits above level 0. The level-0 copy of model.onnx sits in a
+    temporary folder inside the (staging) artifact with its weights and op library hard-linked (copied where the
+    file system cannot link): onnxruntime refuses external data outside the model's folder, symlinks included."""
+    import os
+    import shutil
+    import tempfile
+
+    import onnx
+
+    from edgecompress.contract import CUSTOM_OPS_LIBRARY_FILE, DATA_FILE
+
+    model = onnx.load(str(artifact_dir / MODEL_FILE), load_external_data=False)
+    nbits = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    levels = sorted({a.i for node in nbits for a in node.attribute if a.name == "accuracy_level"})
+    if not levels or levels == [0]:
+        return None
+    step(f"greedy generation at accuracy level 0 (the artifact's: {', '.join(map(str, levels))})")
+    for node in nbits:
+        for attribute in node.attribute:
+            if attribute.name == "accuracy_level":
+                attribute.i = 0
+    with tempfile.TemporaryDirectory(prefix=".accuracy-level-0-", dir=artifact_dir) as scratch:
+        folder = Path(scratch)
+        onnx.save(model, str(folder / MODEL_FILE))
+        for name in (DATA_FILE, CUSTOM_OPS_LIBRARY_FILE):
+            if (artifact_dir / name).is_file():
+                try:
+                    os.link(artifact_dir / name, folder / name)
+                except OSError:
+                    shutil.copy2(artifact_dir / name, folder / name)
+        level0 = _load(folder, **session_kwargs).greedy(prompt, len(tokens_at_level))
+    first = next((i for i, (a, b) in enumerate(zip(level0, tokens_at_level)) if a != b), len(tokens_at_level))
+    return {"levels": levels, "tokens": level0, "identical": level0 == tokens_at_level, "first_difference": first}

@@ -24,6 +24,11 @@ def test_low_bit_fused_build_is_verified_against_the_fp32_export(tiny_llama_dir,
     compared = [check for check in optimized["checks"] if "mean_kl" in check]
     assert len(compared) == 3 and all(check["top1_agreement"] >= 0.7 for check in compared)
     assert report["weights"] == {"weights": weights, "block_size": 32, "accuracy_level": 4, "fuse": True}
+    # The greedy tokens again at accuracy level 0 (fp32 activations): a warning when level 4 changes them.
+    level = optimized["greedy"]["accuracy_level_0"]
+    assert level["levels"] == [4] and len(level["tokens"]) == len(optimized["greedy"]["optimized"])
+    assert level["identical"] == (level["tokens"] == optimized["greedy"]["optimized"])
+    assert any("accuracy level 4 changes the greedy tokens" in w for w in report["warnings"]) != level["identical"]
     quantized = report["export"]["optimize"]["weights"]["QuantizeWeightsPass"]
     assert quantized["bytes_after"] < quantized["bytes_before"] / (3 if weights == "int8" else 6)
     # Still a plain artifact: the generate runtime loads it and stops at the token budget.
