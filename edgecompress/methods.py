@@ -61,6 +61,7 @@ class Stage:
 
 _CHOICE = "edgecompress.attribution.layer_choice"
 SCORE_LAYERS = Stage("layer scores", f"{_CHOICE}:score_layers")
+EMBEDDING_BUDGET = Stage("embedding budget", "edgecompress.attribution.embedding_stage:embedding_budget")
 FACTOR_EMBEDDING = Stage("embedding factors", "edgecompress.attribution.embedding_stage:factor_embedding")
 CHOOSE_LAYERS = Stage("choose layers", f"{_CHOICE}:choose_layers")
 CACHE_CHOSEN_INPUTS = Stage("chosen layers' inputs", f"{_CHOICE}:cache_chosen_inputs")
@@ -153,9 +154,12 @@ class Method:
     def stages(self) -> tuple[Stage, ...]:
         """What the planner runs, in order (a stage with nothing to do for the options returns at once)."""
         stages = [SCORE_LAYERS]
-        if self.layers.scope == "chosen":
-            stages.append(FACTOR_EMBEDDING)  # before the layers: they get the rest of the budget
+        chosen = self.layers.scope == "chosen"
+        if chosen:
+            stages.append(EMBEDDING_BUDGET)  # before the layers: they get the rest of the budget
         stages += [CHOOSE_LAYERS, CACHE_CHOSEN_INPUTS]
+        if chosen:
+            stages.append(FACTOR_EMBEDDING)  # after the per-layer cache is trimmed to the chosen layers
         stages.append(REMOVE_LAYERS if self.factors is None else self.factors.factor_stage)
         if self.refit is not None:
             stages.append(REFIT)

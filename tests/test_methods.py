@@ -28,7 +28,8 @@ TOY = Method("toy: the smallest singular groups", factors=FactorChoice(
 
 def test_stages_follow_the_entry():
     names = [stage.name for stage in METHODS["grasp-wrk"].stages]
-    assert names == ["layer scores", "embedding factors", "choose layers", "chosen layers' inputs", "factors", "refit"]
+    assert names == ["layer scores", "embedding budget", "choose layers", "chosen layers' inputs", "embedding factors",
+                     "factors", "refit"]
     assert [stage.name for stage in METHODS["svd"].stages] == ["layer scores", "choose layers", "chosen layers' inputs",
                                                                 "factors"]
     assert METHODS["shortgpt"].stages[-1].name == "remove layers"

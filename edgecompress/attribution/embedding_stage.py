@@ -1,5 +1,12 @@
-"""The embedding stage of a method: factor the tied embedding / lm_head table for the method's share of the
-budget (attribution/embedding.py) before the layers are chosen for the rest of it."""
+"""The embedding stages of a method: the tied embedding / lm_head table takes the method's share of the budget
+(attribution/embedding.py), the layers the rest.
+
+Two stages, so that the table is factored only after the layers are chosen: `embedding_budget` (before the
+layer choice) fixes the share, the exact tokens and the rank, hence the parameters the table gives up, from
+arithmetic alone; `factor_embedding` (after the chosen layers' inputs are cached and the scoring pass's cache of
+every layer is dropped) computes the factors. The peak of a default build was the float64 factorization on top of
+the whole float16 cache (4.9 GB for smollm2-135m at 128 windows).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,15 @@ from edgecompress.attribution.embedding import factor_embedding as factor_table
 from edgecompress.attribution.embedding import tied_embedding
 from edgecompress.attribution.plan_state import PlanState
 from edgecompress.errors import EdgeCompressError
-from edgecompress.plan import embedding_rank_for_share
+from edgecompress.plan import embedding_rank_for_share, embedding_saving
 
 
-def factor_embedding(state: PlanState) -> None:
-    """The tied table's factors for the share (at most half the ratio), from the calibration's token frequencies
-    and the recorded final states. Without a share, a ratio or a tie nothing happens; a share the table cannot
-    give at all (or an untied head) goes back to the layers, and the options record a share of 0."""
-    options, model, walker = state.options, state.model, state.walker
-    if not options.embedding_share or state.ratio is None or walker is None:
+def embedding_budget(state: PlanState) -> None:
+    """The share (at most half the ratio), exact tokens and rank of the tied table, and what it saves. Without a
+    share, a ratio or a tie nothing happens; a share the table cannot give at all (or an untied head) goes back
+    to the layers, and the options record a share of 0."""
+    options, model = state.options, state.model
+    if not options.embedding_share or state.ratio is None or state.walker is None:
         return
     try:
         tied_embedding(model)
@@ -28,13 +35,25 @@ def factor_embedding(state: PlanState) -> None:
     # keeps room to factor).
     exact = min(options.exact_tokens, max(1, vocab // 8))
     try:
-        embedding_rank_for_share(vocab, hidden, state.dense_total, share, exact)
+        rank = embedding_rank_for_share(vocab, hidden, state.dense_total, share, exact)
     except EdgeCompressError:
         options.embedding_share = 0.0
         return
-    states = walker.stream.final_states
+    state.embedding_budget = (share, exact, embedding_saving(vocab, hidden, rank, exact))
+
+
+def factor_embedding(state: PlanState) -> None:
+    """The tied table's factors for the budget, from the calibration's token frequencies and the recorded final
+    states (they stay recorded when the per-layer cache is dropped)."""
+    if state.embedding_budget is None:
+        return
+    share, exact, saving = state.embedding_budget
+    states = state.walker.stream.final_states
     gram = sum((s.reshape(-1, s.shape[-1]).double().t() @ s.reshape(-1, s.shape[-1]).double()) for s in states)
     tokens = sum(s.shape[0] * s.shape[1] for s in states)
-    state.embedding, factors = factor_table(model, state.calib.input_ids, share, exact, hidden_gram=gram, n_tokens=tokens)
-    state.builder.factors.update(factors)
+    state.embedding, factors = factor_table(state.model, state.calib.input_ids, share, exact, hidden_gram=gram,
+                                            n_tokens=tokens)
+    if state.embedding.saving != saving:  # the layer choice used the budget's arithmetic
+        raise AssertionError(f"embedding saved {state.embedding.saving}, its budget said {saving}")
+    state.builder.factors = {**factors, **state.builder.factors}  # the table's factors first, as plans list them
     state.report("embedding factors", 1, 1)

@@ -61,8 +61,8 @@ def choose_layers(state: PlanState) -> None:
         return
     options, action = state.options, state.method.layers.action
     ratio = state.ratio
-    if state.embedding is not None and ratio is not None:
-        ratio -= state.embedding.saving / state.dense_total
+    if state.embedding_budget is not None and ratio is not None:
+        ratio -= state.embedding_budget[2] / state.dense_total  # what the tied table gives, factored later
     exclude = (len(layers) - 1,) if options.protect_last_layer else ()
     savings = [layer_saving(layer, state) for layer in layers]
     # A model needs at least one decoder layer left: removal may take all but one.

@@ -110,6 +110,7 @@ class PlanState:
     walker: object | None = None  # LayerWalker over that pass
     chosen: list[int] = field(default_factory=list)
     chosen_rho: float | None = None  # one rho solved for methods over all layers
+    embedding_budget: tuple | None = None  # (share, exact tokens, parameters saved) the tied table will give
     embedding: object | None = None  # EmbeddingPlan of the tied table, when a share of it is factored
     removed: int = 0  # parameters of removed layers
     plan_scores: dict = field(default_factory=dict)
