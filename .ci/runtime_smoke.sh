@@ -26,15 +26,8 @@ ORT_VERSION="$(sed -n 's/^onnxruntime==//p' "$CONSTRAINTS" 2>/dev/null || true)"
 ORT_CPU_SPEC="onnxruntime${ORT_VERSION:+==$ORT_VERSION}"
 ORT_GPU_SPEC="${ORT_GPU_SPEC:-onnxruntime-gpu==1.31.1}"
 
-TMP="$(mktemp -d "${TMPDIR:-/tmp}/edgecompress-runtime-smoke.XXXXXX")"
-finish() {
-    local rc=$?
-    rm -rf "$TMP"
-    echo "runtime smoke: $([ $rc -eq 0 ] && echo passed || echo "FAILED (exit $rc)"), wall time $((SECONDS - START)) s"
-}
-trap finish EXIT
-run() { printf '+'; printf ' %q' "$@"; printf '\n'; "$@"; }
-step() { echo; echo "== [$((SECONDS - START)) s] $*"; }
+SMOKE=runtime-smoke
+source "$ROOT/.ci/smoke_common.sh"
 # A command that must fail with exactly one `error:` line holding $1, exit 2 and no traceback.
 one_line() {
     local fragment="$1"; shift

@@ -30,19 +30,8 @@ CONSTRAINTS="${CONSTRAINTS-$ROOT/constraints.txt}"
 PIP_CONSTRAINTS=()
 if [ -n "$CONSTRAINTS" ]; then PIP_CONSTRAINTS=(-c "$(cd "$(dirname "$CONSTRAINTS")" && pwd)/$(basename "$CONSTRAINTS")"); fi
 
-TMP="$(mktemp -d "${TMPDIR:-/tmp}/edgecompress-wheel-smoke.XXXXXX")"
-finish() {
-    local rc=$?
-    rm -rf "$TMP"
-    echo "wheel smoke: $([ $rc -eq 0 ] && echo passed || echo "FAILED (exit $rc)"), wall time $((SECONDS - START)) s"
-}
-trap finish EXIT
-
-run() {  # print the command, then run it
-    printf '+'; printf ' %q' "$@"; printf '\n'
-    "$@"
-}
-step() { echo; echo "== [$((SECONDS - START)) s] $*"; }
+SMOKE=wheel-smoke
+source "$ROOT/.ci/smoke_common.sh"
 
 step "build the wheel from a copy of the build inputs (offline, no build isolation)"
 mkdir "$TMP/src" "$TMP/dist"
