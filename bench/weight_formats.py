@@ -5,8 +5,9 @@ smollm2-135m ships as a Q4_1 GGUF, so its fp32 weights are already Q4_1 values. 
 onnxruntime fusions (RMSNorm, attention, GroupQueryAttention) and run at accuracy level 4 as cpu-x86 builds them:
 - `exact`: `edgecompress build --weights int4`: every Q4_1 block kept exactly (w = d*q + m: MatMulNBits with
   unsigned codes plus a block-sum MatMul and Add for the float minimum m);
-- `ort-rtn`, `ort-hqq`: onnxruntime.quantization's MatMulNBitsQuantizer (RTN asymmetric, HQQ) on the verified
-  fp32 export, block 32, integer zero points (no extra MatMul), then the same fusions.
+- `ort-rtn`, `ort-hqq`: onnxruntime.quantization's MatMulNBitsQuantizer (RTN asymmetric: integer zero points;
+  HQQ: float zero points, written without an accuracy level, i.e. level 0) on the verified fp32 export, block 32,
+  no extra MatMul, then the same fusions; `ort-hqq-l4`: the HQQ graph with accuracy_level 4 set, as cpu-x86 runs.
 Perplexity: WikiText-2 test windows of 512 tokens (EDGECOMPRESS_DATA), the same for every variant; decode: one
 token per step after a 512-token prefill, interleaved across variants, 2 threads. Writes
 bench/results/weight-formats.json.
@@ -46,7 +47,7 @@ def _build(out: Path, *extra: str) -> None:
         raise SystemExit(f"build failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
-def ort_quantized(dense: Path, out: Path, algorithm: str) -> Path:
+def ort_quantized(dense: Path, out: Path, algorithm: str, accuracy_level: int | None = None) -> Path:
     """onnxruntime's quantizer on the fp32 export, then our fusions; the sidecar files copied from the export."""
     import onnx
     import onnx_ir as ir
@@ -61,6 +62,12 @@ def ort_quantized(dense: Path, out: Path, algorithm: str) -> Path:
     quantizer = q.MatMulNBitsQuantizer(model, bits=4, block_size=BLOCK, is_symmetric=False, accuracy_level=4,
                                        algo_config=config)
     quantizer.process()
+    if accuracy_level is not None:  # HQQ writes none (level 0)
+        for node in quantizer.model.model.graph.node:
+            if node.op_type == "MatMulNBits":
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend(kept + [onnx.helper.make_attribute("accuracy_level", accuracy_level)])
     out.mkdir(parents=True)
     onnx.save(quantizer.model.model, str(out / "quantized.onnx"), save_as_external_data=True,
               location="quantized.onnx.data")
@@ -123,7 +130,8 @@ def main() -> None:
         _build(tmp / "dense")
         _build(tmp / "exact", "--weights", "int4")
         folders = {"exact": tmp / "exact", "ort-rtn": ort_quantized(tmp / "dense", tmp / "ort-rtn", "rtn"),
-                   "ort-hqq": ort_quantized(tmp / "dense", tmp / "ort-hqq", "hqq")}
+                   "ort-hqq": ort_quantized(tmp / "dense", tmp / "ort-hqq", "hqq"),
+                   "ort-hqq-l4": ort_quantized(tmp / "dense", tmp / "ort-hqq-l4", "hqq", accuracy_level=4)}
         perplexity = {"dense-fp32": api.eval(tmp / "dense", limit=args.windows)["perplexity"]}
         perplexity.update({label: api.eval(folder, limit=args.windows)["perplexity"] for label, folder in folders.items()})
         medians, samples = decode_times(folders, args.threads, args.steps, args.repeats)
