@@ -4,8 +4,9 @@
 Two stages, so that the table is factored only after the layers are chosen: `embedding_budget` (before the
 layer choice) fixes the share, the exact tokens and the rank, hence the parameters the table gives up, from
 arithmetic alone; `factor_embedding` (after the chosen layers' inputs are cached and the scoring pass's cache of
-every layer is dropped) computes the factors. The peak of a default build was the float64 factorization on top of
-the whole float16 cache (4.9 GB for smollm2-135m at 128 windows).
+every layer is dropped) computes the factors. Measured on the default smollm2-135m build (128 windows,
+bench/results/build-memory.json): the peak moved from 4.90 to 4.80 GB only; it is the float64 factorization's own
+work (the 49,152 x 576 table's weighted SVD), not the cache beside it.
 """
 
 from __future__ import annotations
