@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgecompress import structures
 from edgecompress.errors import EdgeCompressError
-from edgecompress.methods import AUTO, check_method, resolve_method
+from edgecompress.methods import AUTO, METHODS, check_method, resolve_method
 from edgecompress.targets.profiles import DEFAULT_TARGET, DEVICES, TargetProfile
 
 
@@ -102,9 +102,10 @@ def check_structure(structure: str, blocks: int | None, method: str | None = Non
         raise EdgeCompressError(f"--blocks must be a whole number of at least 2, got {blocks!r}")
     chosen = check_method(resolve_method(method, None)) if method is not None else None
     if chosen is not None and (chosen.factors is None or not chosen.factors.projects_weights):
+        projecting = ", ".join(name for name, entry in METHODS.items()
+                               if entry.factors is not None and entry.factors.projects_weights)
         raise EdgeCompressError(
-            f"--structure {structure} needs a method that projects each weight (grasp-w, grasp-wr, grasp-wre, "
-            f"grasp-topsigma, svd, svd-llm); {method} "
+            f"--structure {structure} needs a method that projects each weight ({projecting}); {method} "
             + ("removes layers" if chosen.factors is None else "scores singular groups, which it does not have")
         )
     return DEFAULT_BLOCKS if blocks is None else blocks
