@@ -162,9 +162,9 @@ class WeightedBasis:
     rank r gives a = diag(1/√f)·U_r·diag(√σ_r), b = diag(√σ_r)·V_rᵀ·C^{-1/2}.
 
     σ and V come from the eigendecomposition of the d×d Gram MᵀM, and only the r columns U_r = M·V_r/σ_r that a
-    factorization uses are formed: a full SVD of the (V−K)×d matrix held U and LAPACK's workspace beside it, the
-    peak of a default build (4.8 GB for smollm2-135m). Squaring M squares its condition number: kept directions
-    are the largest, whose relative accuracy stays near eps·(σ_1/σ_r)²."""
+    factorization uses are formed, instead of a full SVD of the (V−K)×d matrix (its U and LAPACK's workspace): on
+    smollm2-135m's table a·b within 1.3e-13 of the SVD's, 18.5 s against 22.8 s. Squaring M squares its condition
+    number: kept directions are the largest, whose relative accuracy stays near eps·(σ_1/σ_r)²."""
 
     def __init__(self, table: torch.Tensor, frequencies: np.ndarray, covariance: torch.Tensor, order: np.ndarray,
                  exact_tokens: int, jitter: float):

@@ -5,8 +5,8 @@ Two stages, so that the table is factored only after the layers are chosen: `emb
 layer choice) fixes the share, the exact tokens and the rank, hence the parameters the table gives up, from
 arithmetic alone; `factor_embedding` (after the chosen layers' inputs are cached and the scoring pass's cache of
 every layer is dropped) computes the factors. Measured on the default smollm2-135m build (128 windows,
-bench/results/build-memory.json): the peak moved from 4.90 to 4.80 GB only; it is the float64 factorization's own
-work (the 49,152 x 576 table's weighted SVD), not the cache beside it.
+bench/results/build-memory.json): the peak moved from 4.90 to 4.80 GB, and to 4.76 GB with the Gram-based
+factorization; it still comes during this stage, not from the cache beside it nor from the SVD's workspace.
 """
 
 from __future__ import annotations
