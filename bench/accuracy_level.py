@@ -16,15 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: -P (PYTHONSAFEPATH) leaves it off
+from decode_timing import add_arguments, decode_times  # noqa: E402
 
 from edgecompress import contract
 from edgecompress.report import machine_description
@@ -66,38 +65,15 @@ def greedy_rows(folders: dict[str, Path], threads: int) -> dict:
     return {"prompts": rows, "identical": sum(row["identical"] for row in rows)}
 
 
-def decode_times(folders: dict[str, Path], threads: int, steps: int, repeats: int) -> dict:
-    from edgecompress.runtimes.decoder import OrtDecoder
-
-    decoders = {label: OrtDecoder(folder, threads=threads) for label, folder in folders.items()}
-    rng = np.random.default_rng(0)
-    ids = rng.integers(100, 40000, (1, 512)).astype(np.int64)
-    samples: dict[str, list[float]] = {label: [] for label in folders}
-    for repeat in range(repeats + 1):  # round 0 warms up
-        for label in (list(folders) if repeat % 2 else list(folders)[::-1]):
-            decoder = decoders[label]
-            logits, past = decoder.forward(ids, np.ones_like(ids), np.arange(512)[None, :], decoder.empty_cache(1),
-                                           last_only=True)
-            token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-            started = time.perf_counter()
-            for step in range(steps):
-                length = 512 + step
-                logits, past = decoder.forward(token, np.ones((1, length + 1), dtype=np.int64),
-                                               np.array([[length]], dtype=np.int64), past)
-                token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-            if repeat:
-                samples[label].append((time.perf_counter() - started) * 1e3 / steps)
-    median = {label: round(statistics.median(values), 3) for label, values in samples.items()}
+def decode_rows(folders: dict[str, Path], threads: int, steps: int, repeats: int) -> dict:
+    median, samples = decode_times(folders, threads, steps, repeats)
     return {"ms_per_token_median": median, "ratio_level4_over_level0": round(median["level4"] / median["level0"], 3),
             "samples_ms": samples}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    add_arguments(parser)
     args = parser.parse_args()
     from edgecompress import api
 
@@ -119,7 +95,7 @@ def main() -> None:
             "greedy": greedy_rows(folders, args.threads),
             "perplexity": {label: api.eval(folder, limit=args.windows)["perplexity"] for label, folder in folders.items()},
             "windows": args.windows,
-            "decode_after_512": decode_times(folders, args.threads, args.steps, args.repeats),
+            "decode_after_512": decode_rows(folders, args.threads, args.steps, args.repeats),
             "threads": args.threads,
         }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backbone import PAST, PREFILL  # bench/ is on sys.path: Python puts a script's folder there
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: -P (PYTHONSAFEPATH) leaves it off
+from backbone import PAST, PREFILL  # noqa: E402
 
 from edgecompress.report import machine_description
 

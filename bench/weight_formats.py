@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: -P (PYTHONSAFEPATH) leaves it off
+from decode_timing import add_arguments, decode_times  # noqa: E402
 
 from edgecompress import contract
 from edgecompress.report import machine_description
@@ -92,36 +90,9 @@ def describe(folder: Path) -> dict:
             "data_mb": round((folder / contract.DATA_FILE).stat().st_size / 1e6, 1)}
 
 
-def decode_times(folders: dict[str, Path], threads: int, steps: int, repeats: int) -> dict:
-    from edgecompress.runtimes.decoder import OrtDecoder
-
-    decoders = {label: OrtDecoder(folder, threads=threads) for label, folder in folders.items()}
-    ids = np.random.default_rng(0).integers(100, 40000, (1, 512)).astype(np.int64)
-    samples: dict[str, list[float]] = {label: [] for label in folders}
-    order = list(folders)
-    for repeat in range(repeats + 1):  # round 0 warms up
-        for label in order[repeat % len(order):] + order[:repeat % len(order)]:
-            decoder = decoders[label]
-            logits, past = decoder.forward(ids, np.ones_like(ids), np.arange(512)[None, :], decoder.empty_cache(1),
-                                           last_only=True)
-            token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-            started = time.perf_counter()
-            for step in range(steps):
-                length = 512 + step
-                logits, past = decoder.forward(token, np.ones((1, length + 1), dtype=np.int64),
-                                               np.array([[length]], dtype=np.int64), past)
-                token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-            if repeat:
-                samples[label].append((time.perf_counter() - started) * 1e3 / steps)
-    return {label: round(statistics.median(values), 3) for label, values in samples.items()}, samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    add_arguments(parser)
     args = parser.parse_args()
     from edgecompress import api
 
