@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 
 from edgecompress.attribution.layer_walker import decoder_layers, layer_linears, layer_prefix
 from edgecompress.attribution.plan_state import PlanBuilder, PlanState
@@ -118,27 +119,20 @@ def _checked_options(model, method, name: str, options: dict) -> MethodOptions:
     return checked.checked(method)
 
 
-class _planning_mode:
+@contextmanager
+def _planning_mode(model, device: str):
     """The model on `device` in eval mode without gradients for its own weights; all of it restored on exit."""
-
-    def __init__(self, model, device: str):
-        self.model, self.device = model, device
-
-    def __enter__(self):
-        model = self.model
-        self.original_device = next(model.parameters()).device
-        self.was_training = model.training
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        model.to(self.device).eval()
-        for parameter, _ in self.flags:
-            parameter.requires_grad_(False)
-        return model
-
-    def __exit__(self, *exc):
-        for parameter, flag in self.flags:
+    original_device, was_training = next(model.parameters()).device, model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.to(device).eval()
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags:
             parameter.requires_grad_(flag)
-        self.model.to(self.original_device).train(self.was_training)
-        return False
+        model.to(original_device).train(was_training)
 
 
 def _check_blocks_divide(model, structure: str, blocks: int | None) -> None:

@@ -23,6 +23,7 @@ from edgecompress import __version__, artifact, contract, custom_ops, models
 from edgecompress.targets import profiles
 from edgecompress.errors import EdgeCompressError
 from edgecompress.progress import Progress
+from edgecompress.runtimes.artifact_files import read_json
 from edgecompress.options import (
     DEFAULT_EVAL_WINDOWS,
     EVAL_SEQ_LEN,
@@ -393,7 +394,8 @@ def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, p
             "warnings": clock.warnings,
             "files": sorted(p.name for p in staging.iterdir()),
             "manifest": artifact.manifest(staging),
-            "requirements": profiles.runtime_requirements(inputs.profile, _custom_ops_manifest(staging)),
+            "requirements": profiles.runtime_requirements(
+                inputs.profile, read_json(staging, contract.CUSTOM_OPS_MANIFEST_FILE, required=False)),
         }
         report["size_bytes"] = sum(entry["bytes"] for entry in report["manifest"].values())
         report["timings_s"] = clock.timings
@@ -402,11 +404,6 @@ def write_stage(clock: StageClock, staging: Path, inputs: BuildInputs, loaded, p
         report["machine"] = machine_description()
         (staging / contract.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _custom_ops_manifest(folder: Path) -> dict | None:
-    path = folder / contract.CUSTOM_OPS_MANIFEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _plan_summary(plan) -> dict[str, Any]:
