@@ -46,6 +46,11 @@ KV_NAMES = {
 KV_KINDS = ("key", "value")
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# Model metadata key, value "1": each present cache may be bound to the same buffer as its past (IO binding), a
+# [batch, kv_heads, capacity, head_dim] buffer written in place (onnxruntime-genai's past_present_share_buffer).
+# The graph then reads the past length from attention_mask (its width minus the new tokens), never from the
+# past's shape, and the cache's valid length is the mask's width.
+SHARED_KV_BUFFER = "edgecompress.past_present_share_buffer"
 
 # --- symbolic dimensions (the names onnxruntime-genai's own builder writes) -------------------
 BATCH = "batch_size"

@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgecompress import contract
 from edgecompress.contract import BATCH, DATA_FILE, MODEL_FILE, PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE
 from edgecompress.errors import EdgeCompressError, first_line
@@ -267,3 +269,43 @@ def set_genai_custom_ops_library(out_dir: Path, library: str | None) -> None:
     else:
         options["custom_ops_library"] = library
     path.write_text(json.dumps(genai, indent=2) + "\n")
+
+
+def set_genai_share_buffer(out_dir: Path, shared: bool) -> None:
+    """genai_config's search.past_present_share_buffer: true when the graph may write its cache in place
+    (contract.SHARED_KV_BUFFER); onnxruntime-genai then preallocates a max_length cache."""
+    path = out_dir / contract.GENAI_CONFIG_FILE
+    genai = json.loads(path.read_text())
+    if genai["search"].get("past_present_share_buffer") == shared:
+        return
+    genai["search"]["past_present_share_buffer"] = shared
+    path.write_text(json.dumps(genai, indent=2) + "\n")
+
+
+# Rotary types whose frequencies depend on the sequence length at run time: no fixed cos/sin cache.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rotary_caches(model: Any):
+    """The model's own rotary cos/sin for positions 0..max_position_embeddings-1 as GroupQueryAttention's
+    caches ([positions, D/2] float32, attention scaling applied), or None where they cannot be fixed: no
+    `model.model.rotary_emb`, a length-dependent rope type, or halves that do not repeat (not half-split)."""
+    import torch
+
+    from edgecompress.passes.fuse_group_query_attention import RotaryCaches
+
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
+        return None
+    positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if positions <= 0:
+        return None
+    with torch.no_grad():
+        probe = torch.zeros(1, dtype=torch.float32)
+        cos, sin = rotary(probe, torch.arange(positions)[None])
+    cos, sin = cos[0].float().numpy(), sin[0].float().numpy()
+    half = cos.shape[-1] // 2
+    if cos.shape[-1] % 2 or not (np.array_equal(cos[:, :half], cos[:, half:])
+                                  and np.array_equal(sin[:, :half], sin[:, half:])):
+        return None
+    return RotaryCaches(np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half]))

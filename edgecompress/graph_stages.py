@@ -39,6 +39,7 @@ from edgecompress.passes import (
     MapGgufWeightsPass,
     QuantizeWeightsPass,
     ReplaceLayersPass,
+    ShareKvBufferPass,
     StatsResult,
 )
 from edgecompress.passes.fuse_ort_ops import missing_fusions, op_type_counts
@@ -90,10 +91,11 @@ def fuses_low_rank(custom_ops: tuple[str, ...], plan) -> bool:
     return LOW_RANK_OP in custom_ops and plan is not None and bool(plan.low_rank_linears())
 
 
-def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None,
-                    fuse_low_rank: bool = False) -> list[tuple[str, ir.passes.PassBase]]:
+def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None, fuse_low_rank: bool = False,
+                    rotary=None) -> list[tuple[str, ir.passes.PassBase]]:
     """Weight formats first (GGUF blocks kept exactly where they map), the low-rank pairs fused where
-    `fuse_low_rank`, then onnxruntime fusions."""
+    `fuse_low_rank`, then onnxruntime fusions: GroupQueryAttention (rotary inside where `rotary`, the model's
+    RotaryCaches, is given) and the KV cache made shareable in place."""
     passes: list[tuple[str, ir.passes.PassBase]] = []
     if formats.weights in LOW_BIT_FORMATS:
         if gguf_blocks:
@@ -103,7 +105,8 @@ def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None,
     if fuse_low_rank:
         passes.append((CUSTOM_OPS, FuseLowRankPass()))
     if formats.fuse:
-        passes += [(FUSION, FuseOrtOpsPass()), (FUSION, FuseGroupQueryAttentionPass())]
+        passes += [(FUSION, FuseOrtOpsPass()), (FUSION, FuseGroupQueryAttentionPass(rotary)),
+                   (FUSION, ShareKvBufferPass())]
     return passes
 
 
@@ -133,7 +136,9 @@ def run_stage(model: ir.Model, passes: list[tuple[str | None, ir.passes.PassBase
     for (role, pass_), outcome in zip(passes, result.results):
         (report.setdefault(role, {}) if role else report)[type(pass_).__name__] = outcome.summary()
     if FUSION in report:  # weight passes add no fused op types, so the whole stage shows what fused
-        report[FUSION]["missing"] = missing_fusions(before, op_type_counts(model.graph))
+        gqa = report[FUSION].get(FuseGroupQueryAttentionPass.__name__, {})
+        rotary_in_attention = gqa.get("fused", 0) > 0 and gqa.get("rotary_inside") == gqa.get("fused")
+        report[FUSION]["missing"] = missing_fusions(before, op_type_counts(model.graph), rotary_in_attention)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
 

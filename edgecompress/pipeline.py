@@ -280,7 +280,8 @@ def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildIn
         else:
             note(f"{formats.weights} weights" + (", onnxruntime fusions" if formats.fuse else ""))
         model = graph_stages.load_model(fp32)
-        report = graph_stages.run_stage(model, graph_stages.optimize_passes(formats, gguf, fuse_low_rank))
+        rotary = export.rotary_caches(loaded.model) if formats.fuse and loaded is not None else None
+        report = graph_stages.run_stage(model, graph_stages.optimize_passes(formats, gguf, fuse_low_rank, rotary))
         custom_ops.require(model)  # before the fp16 step's sessions need the library
         if is_half_precision(inputs):
             report["precision"] = half_precision_step(clock, note, model, fp32, staging, inputs, loaded,
@@ -288,6 +289,7 @@ def optimize_stage(clock: StageClock, fp32: Path, staging: Path, inputs: BuildIn
         else:
             export.save_model(model, staging)
         artifact.copy_sidecar_files(fp32, staging)
+        export.set_genai_share_buffer(staging, model.metadata_props.get(contract.SHARED_KV_BUFFER) == "1")
         report["custom_ops_used"] = carry_custom_ops(staging, model)
     return report
 

@@ -375,6 +375,14 @@ def verify_optimized(artifact_dir: Path, reference_dir: Path, prompt: list[int],
               "first_difference": agree}
     if rule.exact:
         checks.append({"check": f"greedy {tokens} tokens identical", "passed": greedy["identical"]})
+    if ours.shares_kv_buffer:  # how apps run it: the same arithmetic, so the same tokens, exactly
+        from edgecompress.runtimes.kv_steps import greedy_in_place
+
+        step("greedy generation with the KV cache written in place")
+        in_place = greedy_in_place(ours, prompt, tokens)
+        greedy["kv_cache_in_place"] = in_place
+        checks.append({"check": "greedy tokens with the KV cache written in place identical",
+                       "passed": in_place == our_tokens})
     level = accuracy_level_agreement(artifact_dir, prompt, our_tokens, step, **session_kwargs)
     if level is not None:
         greedy["accuracy_level_0"] = level

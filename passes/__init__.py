@@ -21,6 +21,7 @@ else:
     from edgecompress.passes.quantize_weights import QuantizeWeightsPass
     from edgecompress.passes.remove_layers import RemoveLayersPass
     from edgecompress.passes.replace_layers import ReplaceLayersPass
+    from edgecompress.passes.share_kv_buffer import ShareKvBufferPass
     from edgecompress.passes.split_low_rank import SplitLowRankPass
     from edgecompress.passes.split_structured import SplitStructuredPass
 
@@ -39,6 +40,7 @@ else:
         "QuantizeWeightsPass",
         "RemoveLayersPass",
         "ReplaceLayersPass",
+        "ShareKvBufferPass",
         "SplitLowRankPass",
         "SplitStructuredPass",
         "StatsResult",

@@ -10,8 +10,10 @@ What stays fp32:
 - graph inputs/outputs named in `keep_io` (the logits: the sampler wants fp32);
 - ops in the converter's default block list ∪ {Range, CumSum, TopK, Min, Max} ∪ `op_block_list`;
 - nodes in `node_block_list`: the caller's (the activation scan's hits, the lm_head on escalation)
-  plus `fp32_required_nodes`: the rotary cos/sin computation (fp16 holds integers exactly only up to
-  2048, so position·inv_freq loses the phase at long contexts), and any norm, Softmax or Q·Kᵀ MatMul
+  plus `fp32_required_nodes`: the rotary cos/sin computation where the graph still has one (fp16 holds
+  integers exactly only up to 2048, so position·inv_freq loses the phase at long contexts; rotary inside
+  GroupQueryAttention reads cos/sin caches computed in fp32 at build time, stored in the half type like
+  any weight), and any norm, Softmax or Q·Kᵀ MatMul
   fusion left unfused (x² and the scores overflow fp16 where a fused kernel accumulates in fp32).
 
 Contrib-op outputs (GroupQueryAttention, SkipSimplifiedLayerNormalization) carry no type after the

@@ -15,6 +15,15 @@ left-padded batches keep their per-row positions). seqlens_k is total length −
 padded keys are masked by the bias, not cut by length. The old Concat/Expand chain becomes dead and
 is removed.
 
+Rotary inside (when the build hands the pass the model's `RotaryCaches`): where q and k are Hugging Face's
+half-split rotary on a projection (passes/rotary_pattern.py) with the cos/sin every layer shares, the
+projections go to GroupQueryAttention unrotated with `do_rotary=1` and cos/sin caches [max_positions, D/2],
+and the export's per-layer rotary ops become dead. The kernel takes positions from seqlens_k (0..S-1 for a
+prompt, then the cache length), not from position_ids: a left-padded row is rotated at positions shifted by
+its padding, the same shift for its queries and keys, so its attention scores are unchanged (rotary
+depends on position differences only). Key and value reach the op in BSH straight from their projections
+where the heads view is a plain Reshape + Transpose.
+
 Limitation (onnxruntime's kernel, reported in the stats): a batch of more than one row cannot feed
 several new tokens over a non-empty cache in one call; prefill of a batch and batched one-token decode
 work, as does a multi-token continuation of a single row. Ordering, checked in `requires`: after
@@ -31,13 +40,25 @@ import onnx_ir.passes.common
 
 from edgecompress import contract
 from edgecompress.passes.graph_edits import StatsResult, add_initializer, check_no_dangling_values, require_fused
+from edgecompress.passes.rotary_pattern import heads_source, match_rotary, read_shapes_before_rotary
 
 _CHAIN = ("Reshape", "Transpose", "Reshape", "Expand", "Unsqueeze")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryCaches:
+    """cos/sin of every position up to the model's maximum, [max_positions, D/2] float32 (the first half of
+    Hugging Face's repeated frequencies, its attention scaling applied): the model's own rotary module's."""
+
+    cos: np.ndarray
+    sin: np.ndarray
 
 
 @dataclasses.dataclass
 class FuseGroupQueryAttentionStats:
     fused: int = 0
+    rotary_inside: int = 0  # layers whose q/k rotary moved into the op
+    rotary_outside: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> layers (when caches given)
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
     limitations: list[str] = dataclasses.field(default_factory=list)
 
@@ -58,7 +79,22 @@ def _cache_concat(value: ir.Value | None) -> ir.Node | None:
     return concat
 
 
+def _bnsh_of_bsh(bsh: ir.Value) -> ir.Value | None:
+    """x when bsh = Reshape(Transpose(x, perm=[0, 2, 1, 3])): MultiHeadAttention's query from the BNSH heads."""
+    reshape = bsh.producer() if bsh is not None else None
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    transpose = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
+    if transpose is None or transpose.op_type != "Transpose" or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    return transpose.inputs[0]
+
+
 def _bsh(graph: ir.Graph, before: ir.Node, bnsh: ir.Value, shape: ir.Value, name: str) -> ir.Value:
+    """bnsh in BSH: its projection where it is a plain heads view of one, else Transpose + Reshape."""
+    source = heads_source(bnsh)
+    if source is not None:
+        return source
     transpose = ir.node("Transpose", [bnsh], attributes={"perm": [0, 2, 1, 3]}, name=f"{name}_bsnh")
     reshape = ir.node("Reshape", [transpose.outputs[0], shape], name=f"{name}_bsh")
     graph.insert_before(before, [transpose, reshape])
@@ -67,6 +103,10 @@ def _bsh(graph: ir.Graph, before: ir.Node, bnsh: ir.Value, shape: ir.Value, name
 
 class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
     """MultiHeadAttention + repeated KV cache → com.microsoft GroupQueryAttention, layer by layer."""
+
+    def __init__(self, rotary: RotaryCaches | None = None):
+        super().__init__()
+        self.rotary = rotary
 
     def requires(self, model: ir.Model) -> None:
         require_fused(model, type(self).__name__)
@@ -83,13 +123,13 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             if attentions:
                 stats.skipped[f"no {contract.ATTENTION_MASK} input"] = len(attentions)
             return StatsResult(model, modified=False, stats=stats)
-        lengths = None
+        self._lengths_values = None
+        self._rotary_values: dict[str, ir.Value] = {}  # the graph's cos/sin and our caches, from the first layer
         for mha in attentions:
-            reason = self._rewrite(graph, mha, mask_input, lengths)
-            if isinstance(reason, str):
+            reason = self._rewrite(graph, mha, mask_input, stats)
+            if reason:
                 stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
             else:
-                lengths = reason
                 stats.fused += 1
         if stats.fused:
             ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -98,7 +138,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             )
         return StatsResult(model, modified=stats.fused > 0, stats=stats)
 
-    def _rewrite(self, graph: ir.Graph, mha: ir.Node, mask_input: ir.Value, lengths):
+    def _rewrite(self, graph: ir.Graph, mha: ir.Node, mask_input: ir.Value, stats) -> str | None:
         inputs = list(mha.inputs) + [None] * (8 - len(mha.inputs))
         query, key, value, bias, padding, attention_bias, past_k, past_v = inputs[:8]
         if bias is not None or padding is not None or past_k is not None or past_v is not None:
@@ -113,25 +153,27 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         heads = mha.attributes.get_int("num_heads")
         if not isinstance(kv_heads, int) or heads % kv_heads:
             return "KV head count unknown or not a divisor of the query heads"
-        if lengths is None:
-            lengths = self._lengths(graph, mha, mask_input)
-        seqlens_k, total, bsh_shape = lengths
+        if self._lengths_values is None:
+            self._lengths_values = self._lengths(graph, mha, mask_input)
+        seqlens_k, total, bsh_shape = self._lengths_values
         name = mha.name or "gqa"
-        attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}
+        rotary = self._rotary_inputs(graph, query, new_key, stats)
+        attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": int(rotary is not None)}
         scale = mha.attributes.get("scale")
         if scale is not None:
             attributes["scale"] = scale.as_float()
+        query, new_key, cos_cache, sin_cache = rotary or (query, new_key, None, None)
         gqa_inputs = [
             query,
-            _bsh(graph, mha, new_key, bsh_shape, f"{name}_key"),
+            new_key if rotary else _bsh(graph, mha, new_key, bsh_shape, f"{name}_key"),
             _bsh(graph, mha, value_concat.inputs[1], bsh_shape, f"{name}_value"),
             key_concat.inputs[0],
             value_concat.inputs[0],
             seqlens_k,
             total,
-            None,  # cos_cache
-            None,  # sin_cache
-            None,  # position_ids
+            cos_cache,
+            sin_cache,
+            None,  # position_ids: positions follow seqlens_k (see the module docstring on left padding)
             attention_bias,
         ]
         gqa = ir.node(
@@ -149,7 +191,40 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
             present.name = output_name
             graph.outputs[index] = present
         gqa.outputs[0].shape, gqa.outputs[0].type = mha.outputs[0].shape, mha.outputs[0].type
-        return lengths
+        return None
+
+    def _rotary_inputs(self, graph: ir.Graph, query: ir.Value, new_key: ir.Value, stats):
+        """(q projection, k projection, cos cache, sin cache) for do_rotary, or None (rotary stays outside)."""
+        if self.rotary is None:
+            return None
+        reason = None
+        q = match_rotary(_bnsh_of_bsh(query))
+        k = match_rotary(new_key)
+        if q is None or k is None:
+            reason = "q/k are not Hugging Face's half-split rotary on a projection"
+        elif q.cos is not k.cos or q.sin is not k.sin:
+            reason = "q and k use different cos/sin"
+        elif (2 * q.half) % 16:
+            reason = "heads of a size that is not a multiple of 16 (onnxruntime's rotary kernel)"
+        elif q.half != self.rotary.cos.shape[1]:
+            reason = f"rotary over {2 * q.half} dims, the caches hold {2 * self.rotary.cos.shape[1]}"
+        elif self._rotary_values and (q.cos is not self._rotary_values["cos"] or q.sin is not self._rotary_values["sin"]):
+            reason = "a different cos/sin than the first fused layer's"
+        if reason:
+            stats.rotary_outside[reason] = stats.rotary_outside.get(reason, 0) + 1
+            return None
+        if not self._rotary_values:
+            dtype = np.float32
+            self._rotary_values = {
+                "cos": q.cos, "sin": q.sin,
+                "cos_cache": add_initializer(graph, "gqa_cos_cache", self.rotary.cos.astype(dtype)),
+                "sin_cache": add_initializer(graph, "gqa_sin_cache", self.rotary.sin.astype(dtype)),
+            }
+        stats.rotary_inside += 1
+        input_ids = next((value for value in graph.inputs if value.name == contract.INPUT_IDS), None)
+        read_shapes_before_rotary(graph, q, input_ids)
+        read_shapes_before_rotary(graph, k, input_ids)
+        return q.projection, k.projection, self._rotary_values["cos_cache"], self._rotary_values["sin_cache"]
 
     def _lengths(self, graph: ir.Graph, before: ir.Node, mask_input: ir.Value):
         """seqlens_k [B] int32 (= T − 1 per row), total_sequence_length int32 scalar, and [0, 0, -1]."""

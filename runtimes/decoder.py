@@ -49,6 +49,11 @@ def last_logits_feed(session) -> dict[str, np.ndarray]:
     return {contract.LOGITS_TO_KEEP: np.array(1, dtype=np.int64)} if contract.LOGITS_TO_KEEP in names else {}
 
 
+def shares_kv_buffer(session) -> bool:
+    """Whether the artifact's presents may be written in place into their pasts' buffers (contract.SHARED_KV_BUFFER)."""
+    return session.get_modelmeta().custom_metadata_map.get(contract.SHARED_KV_BUFFER) == "1"
+
+
 class OrtDecoder:
     """Runs an artifact step by step, carrying the KV cache between calls."""
 
@@ -59,6 +64,7 @@ class OrtDecoder:
         self.past_names = contract.past_names(self.layout.num_layers)
         self.present_names = contract.present_names(self.layout.num_layers)
         self.last_only = last_logits_feed(self.session)
+        self.shares_kv_buffer = shares_kv_buffer(self.session)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)

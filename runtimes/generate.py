@@ -110,7 +110,7 @@ class TextGenerator:
         if budget <= 0:
             return
         rng = np.random.default_rng(sampling.seed)
-        step = make_steps(self.decoder, self.io_binding)
+        step = make_steps(self.decoder, self.io_binding, capacity=len(ids) + budget)
         started = time.perf_counter()
         while True:
             logits = step(ids)

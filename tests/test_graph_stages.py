@@ -74,7 +74,8 @@ def test_fp16_weights_only_fuse_in_the_pass_list():
     """fp16 is a whole-graph conversion after the fusions (edgecompress.half_precision), not a weight pass."""
     passes = graph_stages.optimize_passes(WeightFormats("fp16", 32, 4, True))
     assert [(role, type(p).__name__) for role, p in passes] == [
-        (graph_stages.FUSION, "FuseOrtOpsPass"), (graph_stages.FUSION, "FuseGroupQueryAttentionPass")]
+        (graph_stages.FUSION, "FuseOrtOpsPass"), (graph_stages.FUSION, "FuseGroupQueryAttentionPass"),
+        (graph_stages.FUSION, "ShareKvBufferPass")]
 
 
 def test_missing_gguf_source_is_refused():

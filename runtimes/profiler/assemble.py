@@ -92,7 +92,8 @@ def _roofline(tests: list[dict], cost, bandwidth: tuple, peak: tuple, target, on
 def _settings(item, settings) -> dict:
     return {
         "ep": item.provider, "providers": item.providers, "provider_options": item.provider_options,
-        "threads": settings.threads, "io_binding": item.io_binding, "warmup": settings.warmup,
+        "threads": settings.threads, "io_binding": item.io_binding, "shared_kv_buffer": item.shared_kv_buffer,
+        "warmup": settings.warmup,
         "repetitions": settings.repetitions, "seed": settings.seed, "spinning": settings.spinning,
         "prompt": f"text {settings.prompt_text}" if settings.prompt_text else f"random ids (seed {settings.seed})",
         "tokenize_ms": item.tokenize_ms, "ops": settings.ops, "ops_steps": settings.ops_steps,

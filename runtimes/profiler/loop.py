@@ -4,6 +4,8 @@ Only `session.run` (or `run_with_iobinding`) and the greedy argmax in numpy sit 
 perf_counter_ns reads of a step; inputs are built before, and the KV cache is carried by reference
 (numpy arrays, or OrtValues on the session's device with IO binding, so a GPU cache never leaves it).
 Depth tokens are prefilled untimed. Memory peaks are reset and read outside the timed spans.
+An artifact whose cache may be shared in place (contract.SHARED_KV_BUFFER) runs as its apps would: one
+buffer per cache sized for the request, bound as past and present, written in place by the model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecompress import contract
-from edgecompress.runtimes.decoder import kv_layout, last_logits_feed
+from edgecompress.runtimes.decoder import kv_layout, last_logits_feed, shares_kv_buffer
 from edgecompress.runtimes.profiler.settings import Shape
 
 
@@ -42,12 +44,19 @@ class Runner:
         self.length = 0
         self.first_call_ns: int | None = None  # the session's very first run: first-run overhead included
         self.last_only = last_logits_feed(session)  # only the last position's logits are read
+        self.shared = shares_kv_buffer(session)
+        self.buffers: list | None = None  # the shared caches, when `shared`
 
-    def reset(self, batch: int) -> None:
-        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
+    def reset(self, batch: int, capacity: int = 0) -> None:
+        """An empty cache for `batch` rows: a shared buffer of `capacity` tokens where the artifact allows."""
+        self.buffers = None
+        shape = (batch, self.layout.kv_heads, capacity if self.shared else 0, self.layout.head_dim)
         empty = [np.zeros(shape, dtype=self.layout.dtype) for _ in self.past_names]
-        if self.io_binding:
+        if self.io_binding or self.shared:
+            self._hosts = empty  # a CPU OrtValue aliases its array: keep it alive
             empty = [ort.OrtValue.ortvalue_from_numpy(array, self.device, 0) for array in empty]
+        if self.shared:
+            self.buffers = empty
         self.past, self.length = empty, 0
 
     def _inputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,13 +66,14 @@ class Runner:
             contract.INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
             contract.ATTENTION_MASK: np.ones((batch, self.length + step), dtype=np.int64),
             contract.POSITION_IDS: np.ascontiguousarray(np.broadcast_to(positions, (batch, step))),
-            **({} if self.io_binding else self.last_only),  # IO binding cannot bind an input with a default
+            # IO binding cannot bind an input with a default
+            **({} if self.io_binding or self.buffers is not None else self.last_only),
         }
 
     def step(self, ids: np.ndarray) -> Step:
         """Run `ids` [batch, tokens] after the cached ones; greedy next ids from the last position."""
         inputs = self._inputs(ids)
-        if self.io_binding:
+        if self.io_binding or self.buffers is not None:
             return self._bound_step(inputs, ids.shape[1])
         feed = {**inputs, **dict(zip(self.past_names, self.past))}
         start = time.perf_counter_ns()
@@ -82,15 +92,19 @@ class Runner:
             binding.bind_cpu_input(name, array)
         for name, value in zip(self.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
-        for name in [contract.LOGITS, *self.present_names]:
-            binding.bind_output(name, self.device, 0)
+        binding.bind_output(contract.LOGITS, self.device, 0)
+        for name, buffer in zip(self.present_names, self.buffers or [None] * len(self.present_names)):
+            if buffer is None:
+                binding.bind_output(name, self.device, 0)
+            else:
+                binding.bind_ortvalue_output(name, buffer)  # written in place
         start = time.perf_counter_ns()
         self.session.run_with_iobinding(binding)
         ran = time.perf_counter_ns()
-        outputs = binding.get_outputs()  # in bind_output order
+        outputs = binding.get_outputs()  # in bind order
         tokens = outputs[0].numpy()[:, -1].argmax(axis=-1)
         done = time.perf_counter_ns()
-        self.past = list(outputs[1:])
+        self.past = list(outputs[1:]) if self.buffers is None else self.buffers
         self.length += count
         return self._record(Step(tokens, ran - start, done - start))
 
@@ -117,7 +131,7 @@ def run_request(runner: Runner, shape: Shape, ids: np.ndarray, host=None) -> Req
     """Depth untimed, then the timed prefill and/or decode steps. `ids` holds depth + prompt tokens,
     plus one more column: the first decode input of a test without a timed prefill."""
     request = Request()
-    runner.reset(shape.batch)
+    runner.reset(shape.batch, capacity=ids.shape[1] + shape.decode_steps)
     next_ids = ids[:, -1:]
     if shape.n_depth:
         next_ids = runner.step(ids[:, : shape.n_depth]).tokens[:, None]

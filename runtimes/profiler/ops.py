@@ -35,10 +35,11 @@ def profiling_pass(folder: Path, providers, threads, io_binding: bool, prefill_i
     session = create_session(folder, providers=providers, threads=threads,
                              profile_prefix=str(trace_dir / "ort_profile"), **(session_kwargs or {}))
     runner = Runner(session, io_binding)
-    runner.reset(prefill_ids.shape[0])  # a warm-up request: one prefill and one decode step
+    capacity = prefill_ids.shape[1] + steps + 1  # a shared cache's buffer (Runner.reset)
+    runner.reset(prefill_ids.shape[0], capacity)  # a warm-up request: one prefill and one decode step
     runner.step(runner.step(prefill_ids).tokens[:, None])
     warmup_runs = 2
-    runner.reset(prefill_ids.shape[0])
+    runner.reset(prefill_ids.shape[0], capacity)
     tokens = runner.step(prefill_ids).tokens[:, None]
     for _ in range(steps):
         tokens = runner.step(tokens).tokens[:, None]

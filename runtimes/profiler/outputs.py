@@ -47,7 +47,8 @@ def markdown(result: dict) -> str:
     art, settings, device = result["artifact"], result["settings"], result["device"]
     lines = [f"# edgecompress profile: {art['name']}", "",
              f"{device['host']['cpu']}, {settings['ep']}, threads {settings['threads'] or 'default'}, "
-             f"IO binding {'on' if settings['io_binding'] else 'off'}, onnxruntime "
+             f"IO binding {'on' if settings['io_binding'] else 'off'}"
+             f"{', KV cache shared in place' if settings.get('shared_kv_buffer') else ''}, onnxruntime "
              f"{device['software'].get('onnxruntime_distribution') or device['software']['onnxruntime']}; "
              f"load {_num(result['load_ms'], 1)} ms, first run {_num(result['first_run_ms'], 1)} ms; "
              f"{settings['repetitions']} repetitions after {settings['warmup']} warm-up, {settings['prompt']}", ""]

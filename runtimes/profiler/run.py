@@ -45,6 +45,7 @@ class Loaded:
     runner: Runner | None = None
     layout: object = None  # the KV layout, kept when the session is released
     last_logits_only: bool = False  # prefill asked for the last position's logits (logits_to_keep, no IO binding)
+    shared_kv_buffer: bool = False  # the cache was one buffer per layer written in place (contract.SHARED_KV_BUFFER)
     load: dict = field(default_factory=dict)
     requests: list[list[Request]] = field(default_factory=list)
     ops: dict | None = None
@@ -97,7 +98,8 @@ def load(item: Loaded, settings: ProfileSettings, host: memory.HostMemory | None
                          host_rss_after_load_mb=host.current_mb())
     item.runner = Runner(item.session, item.io_binding)
     item.layout = item.runner.layout
-    item.last_logits_only = bool(item.runner.last_only) and not item.io_binding
+    item.last_logits_only = bool(item.runner.last_only) and not (item.io_binding or item.runner.shared)
+    item.shared_kv_buffer = item.runner.shared
 
 
 def release(item: Loaded) -> None:

@@ -171,7 +171,8 @@ def toy_decoder():
     return lambda layer_ids, low_rank=None: ToyDecoderBuilder(layer_ids, low_rank).build()
 
 
-def make_tiny_torch_model(model_type: str = "llama", tie_word_embeddings: bool = False, seed: int = 0):
+def make_tiny_torch_model(model_type: str = "llama", tie_word_embeddings: bool = False, seed: int = 0,
+                          head_dim: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -179,6 +180,7 @@ def make_tiny_torch_model(model_type: str = "llama", tie_word_embeddings: bool =
     config = config_class(
         vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -189,10 +191,10 @@ def make_tiny_torch_model(model_type: str = "llama", tie_word_embeddings: bool =
     return model
 
 
-def _export_tiny(tmp_path_factory, model_type: str):
+def _export_tiny(tmp_path_factory, model_type: str, **config):
     from edgecompress.export import export_onnx, save_model
 
-    model = make_tiny_torch_model(model_type)
+    model = make_tiny_torch_model(model_type, **config)
     out_dir = tmp_path_factory.mktemp(f"tiny_{model_type}_onnx")
     save_model(export_onnx(model)[0], out_dir)
     return model, out_dir / "model.onnx"
@@ -202,6 +204,12 @@ def _export_tiny(tmp_path_factory, model_type: str):
 def exported_llama(tmp_path_factory):
     """(torch model, path to its exported model.onnx): export once, load fresh copies per test."""
     return _export_tiny(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def exported_llama_head16(tmp_path_factory):
+    """Like exported_llama with 16-dim heads: onnxruntime's GroupQueryAttention rotates multiples of 16 only."""
+    return _export_tiny(tmp_path_factory, "llama", head_dim=16)
 
 
 @pytest.fixture
