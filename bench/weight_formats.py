@@ -45,8 +45,9 @@ def _build(out: Path, *extra: str) -> None:
         raise SystemExit(f"build failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
-def ort_quantized(dense: Path, out: Path, algorithm: str, accuracy_level: int | None = None) -> Path:
-    """onnxruntime's quantizer on the fp32 export, then our fusions; the sidecar files copied from the export."""
+def ort_quantized(dense: Path, out: Path, algorithm: str, accuracy_level: int | None = None, rotary=None) -> Path:
+    """onnxruntime's quantizer on the fp32 export, then our fusions (rotary inside attention where `rotary`, the
+    model's export.rotary_caches, is given); the sidecar files copied from the export."""
     import onnx
     import onnx_ir as ir
     from onnxruntime.quantization import matmul_nbits_quantizer as q
@@ -70,11 +71,12 @@ def ort_quantized(dense: Path, out: Path, algorithm: str, accuracy_level: int | 
     onnx.save(quantizer.model.model, str(out / "quantized.onnx"), save_as_external_data=True,
               location="quantized.onnx.data")
     graph = ir.load(str(out / "quantized.onnx"))
-    graph_stages.run_stage(graph, graph_stages.optimize_passes(WeightFormats("fp32", BLOCK, 4, True)))
+    graph_stages.run_stage(graph, graph_stages.optimize_passes(WeightFormats("fp32", BLOCK, 4, True), rotary=rotary))
     export.save_model(graph, out)
     for name in ("quantized.onnx", "quantized.onnx.data"):
         (out / name).unlink()
     artifact.copy_sidecar_files(dense, out)
+    export.set_genai_share_buffer(out, graph.metadata_props.get(contract.SHARED_KV_BUFFER) == "1")
     report = json.loads((out / contract.REPORT_FILE).read_text())
     report["manifest"] = artifact.manifest(out)
     (out / contract.REPORT_FILE).write_text(json.dumps(report))

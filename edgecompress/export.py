@@ -284,11 +284,15 @@ def set_genai_share_buffer(out_dir: Path, shared: bool) -> None:
 
 # Rotary types whose frequencies depend on the sequence length at run time: no fixed cos/sin cache.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# The caches cover at least this many positions: the export's own rotary works at any position, so a model with a
+# short nominal context (max_position_embeddings) keeps running longer windows (the build's 512-token evaluation).
+MIN_ROTARY_POSITIONS = 4096
 
 
 def rotary_caches(model: Any):
-    """The model's own rotary cos/sin for positions 0..max_position_embeddings-1 as GroupQueryAttention's
-    caches ([positions, D/2] float32, attention scaling applied), or None where they cannot be fixed: no
+    """The model's own rotary cos/sin for positions 0..max(max_position_embeddings, MIN_ROTARY_POSITIONS)-1 as
+    GroupQueryAttention's caches ([positions, D/2] float32, attention scaling applied), or None where they cannot
+    be fixed: no
     `model.model.rotary_emb`, a length-dependent rope type, or halves that do not repeat (not half-split)."""
     import torch
 
@@ -297,9 +301,7 @@ def rotary_caches(model: Any):
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if rotary is None or getattr(rotary, "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
         return None
-    positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    if positions <= 0:
-        return None
+    positions = max(int(getattr(model.config, "max_position_embeddings", 0) or 0), MIN_ROTARY_POSITIONS)
     with torch.no_grad():
         probe = torch.zeros(1, dtype=torch.float32)
         cos, sin = rotary(probe, torch.arange(positions)[None])

@@ -38,6 +38,7 @@ from edgecompress.passes import (
     LowerCustomOpsPass,
     MapGgufWeightsPass,
     QuantizeWeightsPass,
+    RemoveIdentityExpandsPass,
     ReplaceLayersPass,
     ShareKvBufferPass,
     StatsResult,
@@ -95,7 +96,8 @@ def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None, fus
                     rotary=None) -> list[tuple[str, ir.passes.PassBase]]:
     """Weight formats first (GGUF blocks kept exactly where they map), the low-rank pairs fused where
     `fuse_low_rank`, then onnxruntime fusions: GroupQueryAttention (rotary inside where `rotary`, the model's
-    RotaryCaches, is given) and the KV cache made shareable in place."""
+    RotaryCaches, is given), the attention bias' per-layer copies dropped, and the KV cache made shareable in
+    place."""
     passes: list[tuple[str, ir.passes.PassBase]] = []
     if formats.weights in LOW_BIT_FORMATS:
         if gguf_blocks:
@@ -106,7 +108,7 @@ def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None, fus
         passes.append((CUSTOM_OPS, FuseLowRankPass()))
     if formats.fuse:
         passes += [(FUSION, FuseOrtOpsPass()), (FUSION, FuseGroupQueryAttentionPass(rotary)),
-                   (FUSION, ShareKvBufferPass())]
+                   (FUSION, RemoveIdentityExpandsPass()), (FUSION, ShareKvBufferPass())]
     return passes
 
 

@@ -19,6 +19,7 @@ else:
     from edgecompress.passes.lower_custom_ops import LowerCustomOpsPass
     from edgecompress.passes.map_gguf_weights import GgufBlocks, MapGgufWeightsPass
     from edgecompress.passes.quantize_weights import QuantizeWeightsPass
+    from edgecompress.passes.remove_identity_expands import RemoveIdentityExpandsPass
     from edgecompress.passes.remove_layers import RemoveLayersPass
     from edgecompress.passes.replace_layers import ReplaceLayersPass
     from edgecompress.passes.share_kv_buffer import ShareKvBufferPass
@@ -38,6 +39,7 @@ else:
         "MapGgufWeightsPass",
         "PassInputError",
         "QuantizeWeightsPass",
+        "RemoveIdentityExpandsPass",
         "RemoveLayersPass",
         "ReplaceLayersPass",
         "ShareKvBufferPass",

@@ -75,7 +75,7 @@ def test_fp16_weights_only_fuse_in_the_pass_list():
     passes = graph_stages.optimize_passes(WeightFormats("fp16", 32, 4, True))
     assert [(role, type(p).__name__) for role, p in passes] == [
         (graph_stages.FUSION, "FuseOrtOpsPass"), (graph_stages.FUSION, "FuseGroupQueryAttentionPass"),
-        (graph_stages.FUSION, "ShareKvBufferPass")]
+        (graph_stages.FUSION, "RemoveIdentityExpandsPass"), (graph_stages.FUSION, "ShareKvBufferPass")]
 
 
 def test_missing_gguf_source_is_refused():

@@ -98,7 +98,10 @@ def _rotary_fused(exported):
 def test_rotary_moves_inside_the_op(exported_llama_head16):
     before = _ops(_mha_model(exported_llama_head16[1]))
     model, caches, result = _rotary_fused(exported_llama_head16)
-    assert caches is not None and caches.cos.shape == (exported_llama_head16[0].config.max_position_embeddings, 8)
+    from edgecompress.export import MIN_ROTARY_POSITIONS
+
+    assert exported_llama_head16[0].config.max_position_embeddings < MIN_ROTARY_POSITIONS
+    assert caches is not None and caches.cos.shape == (MIN_ROTARY_POSITIONS, 8)
     assert result.stats.fused == LAYERS and result.stats.rotary_inside == LAYERS and not result.stats.rotary_outside
     after = _ops(model)
     assert after["Neg"] == 0 and after["Cos"] == 0 and after["Sin"] == 0  # every rotary op and its cos/sin are gone
