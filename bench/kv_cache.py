@@ -108,6 +108,7 @@ def main() -> None:
         "perplexity": perplexity,
         "perplexity_windows": args.windows,
     }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

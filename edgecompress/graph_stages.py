@@ -37,6 +37,7 @@ from edgecompress.passes import (
     KeepLastLogitsPass,
     LowerCustomOpsPass,
     MapGgufWeightsPass,
+    PackProjectionsPass,
     QuantizeWeightsPass,
     RemoveIdentityExpandsPass,
     ReplaceLayersPass,
@@ -96,8 +97,8 @@ def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None, fus
                     rotary=None) -> list[tuple[str, ir.passes.PassBase]]:
     """Weight formats first (GGUF blocks kept exactly where they map), the low-rank pairs fused where
     `fuse_low_rank`, then onnxruntime fusions: GroupQueryAttention (rotary inside where `rotary`, the model's
-    RotaryCaches, is given), the attention bias' per-layer copies dropped, and the KV cache made shareable in
-    place."""
+    RotaryCaches, is given), sibling projections packed (q/k/v into its packed QKV, gate/up and a Split), the
+    attention bias' per-layer copies dropped, and the KV cache made shareable in place."""
     passes: list[tuple[str, ir.passes.PassBase]] = []
     if formats.weights in LOW_BIT_FORMATS:
         if gguf_blocks:
@@ -108,7 +109,8 @@ def optimize_passes(formats: WeightFormats, gguf_blocks: dict | None = None, fus
         passes.append((CUSTOM_OPS, FuseLowRankPass()))
     if formats.fuse:
         passes += [(FUSION, FuseOrtOpsPass()), (FUSION, FuseGroupQueryAttentionPass(rotary)),
-                   (FUSION, RemoveIdentityExpandsPass()), (FUSION, ShareKvBufferPass())]
+                   (FUSION, PackProjectionsPass()), (FUSION, RemoveIdentityExpandsPass()),
+                   (FUSION, ShareKvBufferPass())]
     return passes
 
 

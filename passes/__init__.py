@@ -18,6 +18,7 @@ else:
     from edgecompress.passes.layer_map import PassInputError, build_layer_map
     from edgecompress.passes.lower_custom_ops import LowerCustomOpsPass
     from edgecompress.passes.map_gguf_weights import GgufBlocks, MapGgufWeightsPass
+    from edgecompress.passes.pack_projections import PackProjectionsPass
     from edgecompress.passes.quantize_weights import QuantizeWeightsPass
     from edgecompress.passes.remove_identity_expands import RemoveIdentityExpandsPass
     from edgecompress.passes.remove_layers import RemoveLayersPass
@@ -37,6 +38,7 @@ else:
         "KeepLastLogitsPass",
         "LowerCustomOpsPass",
         "MapGgufWeightsPass",
+        "PackProjectionsPass",
         "PassInputError",
         "QuantizeWeightsPass",
         "RemoveIdentityExpandsPass",

@@ -16,7 +16,9 @@ def test_low_bit_fused_build_is_verified_against_the_fp32_export(tiny_llama_dir,
     report = api.build(str(tiny_llama_dir), "cpu-x86", out, weights=weights, fuse=True, eval_limit=0)
 
     ops = _ops(out)
-    assert ops[("com.microsoft", "MatMulNBits")] == 7 * 3 + 1  # every Linear and the lm_head
+    # every Linear and the lm_head, q/k/v packed into one and gate/up into one (PackProjectionsPass)
+    assert ops[("com.microsoft", "MatMulNBits")] == 4 * 3 + 1
+    assert report["export"]["optimize"]["fusion"]["PackProjectionsPass"]["qkv_packed"] == 3
     assert ops[("ai.onnx", "MatMul")] < 7 * 3  # only attention's own MatMuls (if any) stay float
     assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == 2 * 3
     optimized = report["verification"]["optimized"]

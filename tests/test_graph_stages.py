@@ -47,7 +47,9 @@ def test_quantize_then_fuse_in_one_stage(artifact, tmp_path, weights, bits):
     assert (out / "model.onnx.data").stat().st_size < size_before
     saved = ir.load(str(out / "model.onnx"))
     nodes = [node for node in saved.graph if node.op_type == "MatMulNBits"]
-    assert len(nodes) == 22 and {node.attributes.get_int("bits") for node in nodes} == {bits}
+    # 3 layers x (q/k/v packed, o, gate/up packed, down) + the lm_head (PackProjectionsPass)
+    assert report["fusion"]["PackProjectionsPass"]["projections_packed"] == 3 * 5
+    assert len(nodes) == 3 * 4 + 1 and {node.attributes.get_int("bits") for node in nodes} == {bits}
     logits = _logits(out)
     assert logits.shape == dense.shape and np.isfinite(logits).all()
     drift = np.abs(logits - dense).max() / np.abs(dense).max()
@@ -75,7 +77,8 @@ def test_fp16_weights_only_fuse_in_the_pass_list():
     passes = graph_stages.optimize_passes(WeightFormats("fp16", 32, 4, True))
     assert [(role, type(p).__name__) for role, p in passes] == [
         (graph_stages.FUSION, "FuseOrtOpsPass"), (graph_stages.FUSION, "FuseGroupQueryAttentionPass"),
-        (graph_stages.FUSION, "RemoveIdentityExpandsPass"), (graph_stages.FUSION, "ShareKvBufferPass")]
+        (graph_stages.FUSION, "PackProjectionsPass"), (graph_stages.FUSION, "RemoveIdentityExpandsPass"),
+        (graph_stages.FUSION, "ShareKvBufferPass")]
 
 
 def test_missing_gguf_source_is_refused():
