@@ -59,30 +59,41 @@ class Runner:
             self.buffers = empty
         self.past, self.length = empty, 0
 
+    def _prefills_unbound(self) -> bool:
+        """A shared CPU cache's first step runs without IO binding, as SharedSteps does: logits_to_keep then
+        computes the last position only, and the prompt's cache is copied once into the buffers."""
+        return self.buffers is not None and self.length == 0 and bool(self.last_only) and self.device == "cpu" \
+            and not self.io_binding
+
     def _inputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         batch, step = ids.shape
         positions = np.arange(self.length, self.length + step, dtype=np.int64)
+        bound = self.io_binding or (self.buffers is not None and not self._prefills_unbound())
         return {
             contract.INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
             contract.ATTENTION_MASK: np.ones((batch, self.length + step), dtype=np.int64),
             contract.POSITION_IDS: np.ascontiguousarray(np.broadcast_to(positions, (batch, step))),
-            # IO binding cannot bind an input with a default
-            **({} if self.io_binding or self.buffers is not None else self.last_only),
+            **({} if bound else self.last_only),  # IO binding cannot bind an input with a default
         }
 
     def step(self, ids: np.ndarray) -> Step:
         """Run `ids` [batch, tokens] after the cached ones; greedy next ids from the last position."""
         inputs = self._inputs(ids)
-        if self.io_binding or self.buffers is not None:
+        if self.io_binding or (self.buffers is not None and not self._prefills_unbound()):
             return self._bound_step(inputs, ids.shape[1])
-        feed = {**inputs, **dict(zip(self.past_names, self.past))}
+        empty = (ids.shape[0], self.layout.kv_heads, 0, self.layout.head_dim)
+        past = [np.zeros(empty, self.layout.dtype) for _ in self.past_names] if self.buffers is not None else self.past
+        feed = {**inputs, **dict(zip(self.past_names, past))}
         start = time.perf_counter_ns()
         outputs = self.session.run(self.output_names, feed)
+        named = dict(zip(self.output_names, outputs))
+        if self.buffers is not None:  # the prompt's cache into the shared buffers: part of the prefill
+            for host, name in zip(self._hosts, self.present_names):
+                host[:, :, : ids.shape[1]] = named[name]
         ran = time.perf_counter_ns()
         tokens = outputs[0][:, -1].argmax(axis=-1)
         done = time.perf_counter_ns()
-        named = dict(zip(self.output_names, outputs))
-        self.past = [named[name] for name in self.present_names]
+        self.past = self.buffers if self.buffers is not None else [named[name] for name in self.present_names]
         self.length += ids.shape[1]
         return self._record(Step(tokens, ran - start, done - start))
 

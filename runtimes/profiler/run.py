@@ -98,7 +98,7 @@ def load(item: Loaded, settings: ProfileSettings, host: memory.HostMemory | None
                          host_rss_after_load_mb=host.current_mb())
     item.runner = Runner(item.session, item.io_binding)
     item.layout = item.runner.layout
-    item.last_logits_only = bool(item.runner.last_only) and not (item.io_binding or item.runner.shared)
+    item.last_logits_only = bool(item.runner.last_only) and not item.io_binding  # a shared cache prefills unbound
     item.shared_kv_buffer = item.runner.shared
 
 

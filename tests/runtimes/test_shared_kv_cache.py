@@ -101,3 +101,5 @@ def test_the_profilers_loop_writes_in_place(fused_artifact):
         tokens.append(np.concatenate([step.tokens for step in steps]))
     assert shared.buffers is not None and copied.buffers is None and shared.length == 16
     np.testing.assert_array_equal(tokens[0], tokens[1])
+    # The prompt ran unbound (logits_to_keep: one row) and its cache was copied into the buffers once.
+    assert shared.last_only and shared._hosts[0][:, :, :16].any() and not shared._hosts[0][:, :, 16:].any()
