@@ -39,7 +39,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from edgecompress import contract
-from edgecompress.passes.graph_edits import StatsResult, add_initializer, check_no_dangling_values, require_fused
+from edgecompress.passes.graph_edits import (StatsResult, add_initializer, check_no_dangling_values, graph_input,
+                                             require_fused)
 from edgecompress.passes.rotary_pattern import heads_source, match_rotary, read_shapes_before_rotary
 
 _CHAIN = ("Reshape", "Transpose", "Reshape", "Expand", "Unsqueeze")
@@ -118,7 +119,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         graph = model.graph
         stats = FuseGroupQueryAttentionStats()
         attentions = [node for node in graph if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"]
-        mask_input = next((value for value in graph.inputs if value.name == contract.ATTENTION_MASK), None)
+        mask_input = graph_input(graph, contract.ATTENTION_MASK)
         if not attentions or mask_input is None:
             if attentions:
                 stats.skipped[f"no {contract.ATTENTION_MASK} input"] = len(attentions)
@@ -221,7 +222,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
                 "sin_cache": add_initializer(graph, "gqa_sin_cache", self.rotary.sin.astype(dtype)),
             }
         stats.rotary_inside += 1
-        input_ids = next((value for value in graph.inputs if value.name == contract.INPUT_IDS), None)
+        input_ids = graph_input(graph, contract.INPUT_IDS)
         read_shapes_before_rotary(graph, q, input_ids)
         read_shapes_before_rotary(graph, k, input_ids)
         return q.projection, k.projection, self._rotary_values["cos_cache"], self._rotary_values["sin_cache"]

@@ -50,6 +50,28 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.initializers.pop(value.name)
 
 
+def graph_input(graph: ir.Graph, name: str) -> ir.Value | None:
+    return next((value for value in graph.inputs if value.name == name), None)
+
+
+def constant_ints(value: ir.Value | None) -> list[int] | None:
+    """A constant int tensor's values (an initializer or a Constant node's), flattened; None when not constant."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    producer = value.producer()
+    if tensor is None and producer is not None and producer.op_type == "Constant" and not producer.domain:
+        attribute = producer.attributes.get("value")
+        tensor = attribute.as_tensor() if attribute is not None else None
+    return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
+
+
+def shape_range(node: ir.Node) -> tuple[int, int | None]:
+    """A Shape node's (start, end) attributes; end None when absent (to the last dim)."""
+    end = node.attributes.get_int("end") if "end" in node.attributes else None
+    return node.attributes.get_int("start", 0), end
+
+
 def check_no_dangling_values(graph: ir.Graph) -> None:
     """Every node input and graph output is produced in the graph, an input or an initializer."""
 

@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from edgecompress.passes.graph_edits import StatsResult, check_no_dangling_values
+from edgecompress.passes.graph_edits import StatsResult, check_no_dangling_values, constant_ints, shape_range
 
 
 @dataclasses.dataclass
 class RemoveIdentityExpandsStats:
     removed: int = 0
     kept: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> Expand nodes left
-
-
-def _constant_ints(value: ir.Value) -> list[int] | None:
-    tensor = value.const_value
-    if tensor is None:
-        producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and not producer.domain:
-            attribute = producer.attributes.get("value")
-            tensor = attribute.as_tensor() if attribute is not None else None
-    return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
 
 
 def _shape_slice_dims(value: ir.Value) -> list | None:
@@ -44,14 +33,13 @@ def _shape_slice_dims(value: ir.Value) -> list | None:
     source = node.inputs[0].shape
     if source is None:
         return None
-    start = node.attributes.get_int("start", 0)
-    end = node.attributes.get_int("end") if "end" in node.attributes else len(source)
+    start, end = shape_range(node)
     return list(source.dims[start:end])
 
 
 def target_dims(shape: ir.Value) -> list | None:
     """Each dim of an Expand target: an int, a symbolic dim, or None (unknown); None when unreadable."""
-    ints = _constant_ints(shape)
+    ints = constant_ints(shape)
     if ints is not None:
         return ints
     concat = shape.producer()
@@ -59,7 +47,7 @@ def target_dims(shape: ir.Value) -> list | None:
         return None
     dims: list = []
     for part in concat.inputs:
-        read = _constant_ints(part) if part is not None else None
+        read = constant_ints(part)
         read = read if read is not None else (_shape_slice_dims(part) if part is not None else None)
         if read is None:
             return None

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx_ir as ir
+
+from edgecompress.passes.graph_edits import constant_ints, shape_range
 
 _BNSH = [0, 2, 1, 3]
 
@@ -35,18 +36,6 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op_type and not node.domain else None
 
 
-def _ints(value: ir.Value | None) -> list[int] | None:
-    """A constant int tensor's values (an initializer or a Constant node), else None."""
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        node = _producer(value, "Constant")
-        attribute = node.attributes.get("value") if node is not None else None
-        tensor = attribute.as_tensor() if attribute is not None else None
-    return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).reshape(-1)]
-
-
 def heads_source(bnsh: ir.Value | None) -> ir.Value | None:
     """`proj` when bnsh = Transpose(Reshape(proj), perm=[0, 2, 1, 3]) with proj of rank 3, else None."""
     transpose = _producer(bnsh, "Transpose")
@@ -63,8 +52,8 @@ def _slice_range(node: ir.Node | None, source: ir.Value) -> tuple[int, int] | No
     """(start, end) of a last-axis, unit-step Slice of `source`."""
     if node is None or node.inputs[0] is not source or len(node.inputs) < 4:
         return None
-    starts, ends, axes = (_ints(node.inputs[i]) for i in (1, 2, 3))
-    steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+    starts, ends, axes = (constant_ints(node.inputs[i]) for i in (1, 2, 3))
+    steps = constant_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
     if None in (starts, ends, axes) or len(starts) != 1 or axes[0] not in (-1, 3) or steps != [1]:
         return None
     return starts[0], ends[0]
@@ -123,8 +112,7 @@ def read_shapes_before_rotary(graph: ir.Graph, rotary: Rotary, input_ids: ir.Val
     for node in list(rotary.rotated.consumers()):
         if node.op_type != "Shape" or node.domain:
             continue
-        start = node.attributes.get_int("start", 0)
-        end = node.attributes.get_int("end") if "end" in node.attributes else None
+        start, end = shape_range(node)
         source, attributes = rotary.heads, dict(node.attributes)
         if (start, end) in _INPUT_IDS_RANGES and input_ids is not None:
             source = input_ids

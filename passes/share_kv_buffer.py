@@ -24,7 +24,8 @@ import dataclasses
 import onnx_ir as ir
 
 from edgecompress import contract
-from edgecompress.passes.graph_edits import StatsResult, check_no_dangling_values, require_fused
+from edgecompress.passes.graph_edits import (StatsResult, check_no_dangling_values, graph_input, require_fused,
+                                             shape_range)
 
 _SEQUENCE_AXIS = 2
 
@@ -36,11 +37,6 @@ class ShareKvBufferStats:
     refused: str = ""  # why the cache cannot be shared (the graph is left as it was)
 
 
-def _shape_range(node: ir.Node) -> tuple[int, int | None]:
-    end = node.attributes.get_int("end") if "end" in node.attributes else None
-    return node.attributes.get_int("start", 0), end
-
-
 def _past_length_reads(past: ir.Value) -> list[ir.Node] | str:
     """The Shape(past, 2, 3) nodes to rewrite, or why this past cannot be a shared buffer."""
     reads = []
@@ -49,7 +45,7 @@ def _past_length_reads(past: ir.Value) -> list[ir.Node] | str:
             continue
         if node.op_type != "Shape" or node.domain:
             return f"{past.name} is read by {node.op_type} {node.name!r}, not only by GroupQueryAttention"
-        start, end = _shape_range(node)
+        start, end = shape_range(node)
         if end is not None and 0 <= start < end <= _SEQUENCE_AXIS:
             continue  # batch / heads: the same for the buffer
         if (start, end) != (_SEQUENCE_AXIS, _SEQUENCE_AXIS + 1):
@@ -96,14 +92,13 @@ class ShareKvBufferPass(ir.passes.InPlacePass):
         return StatsResult(model, modified=True, stats=stats)
 
     def _reads_to_rewrite(self, graph: ir.Graph, stats: ShareKvBufferStats) -> list[ir.Node] | None:
-        inputs = {value.name: value for value in graph.inputs}
-        pasts = [value for name, value in inputs.items() if contract.PAST_INPUT.match(name)]
+        pasts = [value for value in graph.inputs if contract.PAST_INPUT.match(value.name or "")]
         presents = [value for value in graph.outputs if contract.is_kv_name(value.name or "")
                     and value.name.startswith(contract.PRESENT_PREFIX)]
         problem = None
         if not pasts or len(presents) != len(pasts):
             problem = "the graph has no KV cache, or not one present per past"
-        elif contract.ATTENTION_MASK not in inputs or contract.INPUT_IDS not in inputs:
+        elif graph_input(graph, contract.ATTENTION_MASK) is None or graph_input(graph, contract.INPUT_IDS) is None:
             problem = f"no {contract.ATTENTION_MASK} or {contract.INPUT_IDS} input to read the past length from"
         problem = problem or next(filter(None, (_present_writer_problem(graph, p) for p in presents)), None)
         reads: list[ir.Node] = []
@@ -120,10 +115,9 @@ class ShareKvBufferPass(ir.passes.InPlacePass):
 
     def _past_length(self, graph: ir.Graph, before: ir.Node) -> ir.Value:
         """int64 [1]: attention_mask's width - input_ids' length (what Shape(past)[2:3] gives unshared)."""
-        inputs = {value.name: value for value in graph.inputs}
-        total = ir.node("Shape", [inputs[contract.ATTENTION_MASK]], attributes={"start": 1, "end": 2},
+        total = ir.node("Shape", [graph_input(graph, contract.ATTENTION_MASK)], attributes={"start": 1, "end": 2},
                         name="shared_kv_total_length")
-        new = ir.node("Shape", [inputs[contract.INPUT_IDS]], attributes={"start": 1, "end": 2},
+        new = ir.node("Shape", [graph_input(graph, contract.INPUT_IDS)], attributes={"start": 1, "end": 2},
                       name="shared_kv_new_length")
         past = ir.node("Sub", [total.outputs[0], new.outputs[0]], name="shared_kv_past_length")
         graph.insert_before(before, [total, new, past])

@@ -65,10 +65,9 @@ class Runner:
         return self.buffers is not None and self.length == 0 and bool(self.last_only) and self.device == "cpu" \
             and not self.io_binding
 
-    def _inputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _inputs(self, ids: np.ndarray, bound: bool) -> dict[str, np.ndarray]:
         batch, step = ids.shape
         positions = np.arange(self.length, self.length + step, dtype=np.int64)
-        bound = self.io_binding or (self.buffers is not None and not self._prefills_unbound())
         return {
             contract.INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
             contract.ATTENTION_MASK: np.ones((batch, self.length + step), dtype=np.int64),
@@ -78,8 +77,9 @@ class Runner:
 
     def step(self, ids: np.ndarray) -> Step:
         """Run `ids` [batch, tokens] after the cached ones; greedy next ids from the last position."""
-        inputs = self._inputs(ids)
-        if self.io_binding or (self.buffers is not None and not self._prefills_unbound()):
+        bound = self.io_binding or (self.buffers is not None and not self._prefills_unbound())
+        inputs = self._inputs(ids, bound)
+        if bound:
             return self._bound_step(inputs, ids.shape[1])
         empty = (ids.shape[0], self.layout.kv_heads, 0, self.layout.head_dim)
         past = [np.zeros(empty, self.layout.dtype) for _ in self.past_names] if self.buffers is not None else self.past
